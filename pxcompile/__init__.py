@@ -1,0 +1,5 @@
+"""pxcompile: a model-schema compiler for Pixelfly structured sparsity."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,152 @@
+"""Flat block butterfly patterns, at block granularity.
+
+The rule (Pixelfly, ICLR 2022): on an ``n x n`` grid of cells, the flat butterfly with ``f``
+factors keeps cell ``(i, j)`` iff ``i == j`` or ``i XOR j`` is one of ``1, 2, ..., 2^(f-1)``.
+Every row and column keeps ``f + 1`` cells, so the cell density is ``(f + 1) / n``; the
+pattern is symmetric and block-diagonal in groups of ``2^f`` cells.
+
+The reference takes ``n`` a power of two. The same formula is exact for any ``n`` that is a
+multiple of ``2^f`` (flipping one of the low ``f`` bits of ``i < n`` stays below ``n``), which
+is what lets a 768-wide layer (24 blocks of 32) use the pattern at all: we allow those ``n``.
+
+A rectangular ``out x in`` weight stretches the pattern: each cell covers ``(out/n) x (in/n)``
+elements (a Kronecker product with a block of ones), which must be a whole number of
+*pattern blocks* (``pattern_block``, a power-of-two multiple of the hardware block ``b``), so
+the mask is exact at hardware-block granularity: each ``b x b`` block is fully kept or fully
+dropped. Layers whose sides are not multiples of ``b`` are left dense (see the mapping pass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+
+@lru_cache(maxsize=256)
+def _flat_butterfly_cached(n: int, f: int) -> np.ndarray:
+    i = np.arange(n)[:, None]
+    j = np.arange(n)[None, :]
+    x = i ^ j
+    keep = x == 0
+    for k in range(f):
+        keep |= x == (1 << k)
+    keep.setflags(write=False)
+    return keep
+
+
+def flat_butterfly(n: int, f: int) -> np.ndarray:
+    """The ``n x n`` boolean cell mask of the flat butterfly with ``f`` factors.
+
+    Example:
+        >>> flat_butterfly(4, 1).astype(int).tolist()
+        [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+    """
+    check_butterfly(n, f)
+    return _flat_butterfly_cached(n, f)
+
+
+def check_butterfly(n: int, f: int) -> None:
+    if f < 1:
+        raise ValueError(f"factors must be >= 1, got {f}")
+    if n < 2 or n % (1 << f):
+        raise ValueError(f"butterfly size {n} must be a multiple of 2^factors = {1 << f}")
+
+
+@dataclass(frozen=True, order=True)
+class PatternSpec:
+    """Hyperparameters of one layer's Pixelfly pattern: ``W ~ B + U V^T``.
+
+    ``butterfly`` (n) and ``factors`` (f) fix the block butterfly ``B``; ``pattern_block`` is
+    the side, in elements, of the square blocks the layer stores (a power-of-two multiple of
+    the hardware block); ``rank`` is the rank of the low-rank term ``U V^T`` (0 = none).
+
+    Example:
+        >>> s = PatternSpec(butterfly=24, factors=3, pattern_block=32, rank=32)
+        >>> round(s.block_density, 4), round(s.density(768, 3072), 4)
+        (0.1667, 0.2188)
+    """
+
+    butterfly: int
+    factors: int
+    pattern_block: int
+    rank: int = 0
+
+    def __post_init__(self) -> None:
+        check_butterfly(self.butterfly, self.factors)
+        if self.pattern_block < 1:
+            raise ValueError(f"pattern_block must be positive, got {self.pattern_block}")
+        if self.rank < 0:
+            raise ValueError(f"rank must be >= 0, got {self.rank}")
+
+    @property
+    def block_density(self) -> float:
+        """Fraction of the weight the butterfly part keeps: ``(f + 1) / n``."""
+        return (self.factors + 1) / self.butterfly
+
+    def lowrank_density(self, in_features: int, out_features: int) -> float:
+        return self.rank * (in_features + out_features) / (in_features * out_features)
+
+    def density(self, in_features: int, out_features: int) -> float:
+        """Parameters (= FLOPs) kept relative to the dense weight, low-rank included."""
+        return self.block_density + self.lowrank_density(in_features, out_features)
+
+    def misfit(self, out_features: int, in_features: int, block: int) -> str | None:
+        """Why this pattern can't be laid on an ``out x in`` weight with hardware block
+        ``block`` (None if it can)."""
+        pb = self.pattern_block
+        if pb % block or (pb // block) & (pb // block - 1):
+            return f"pattern block {pb} is not a power-of-two multiple of block {block}"
+        for side, size in (("out", out_features), ("in", in_features)):
+            if size % (self.butterfly * pb):
+                return (
+                    f"'{side}'={size} is not a multiple of butterfly {self.butterfly} x "
+                    f"pattern block {pb}"
+                )
+        if self.rank > min(in_features, out_features):
+            return f"rank {self.rank} exceeds min(in, out) = {min(in_features, out_features)}"
+        return None
+
+    def kept_blocks(self, out_features: int, in_features: int) -> int:
+        """Number of stored ``pattern_block``-sized blocks."""
+        ro, ci = out_features // self.pattern_block, in_features // self.pattern_block
+        return (self.factors + 1) * ro * ci // self.butterfly
+
+    def kept_per_row(self, out_features: int, in_features: int) -> int:
+        """Kept blocks along the narrow side for each block of the wide side: the inner
+        length of the layer's batched matmul, which sets its cost more than density does."""
+        narrow = min(out_features, in_features) // self.pattern_block
+        return (self.factors + 1) * narrow // self.butterfly
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "butterfly": self.butterfly,
+            "factors": self.factors,
+            "pattern_block": self.pattern_block,
+            "rank": self.rank,
+        }
+
+
+def pattern_mask(spec: PatternSpec, out_features: int, in_features: int) -> np.ndarray:
+    """Boolean mask over ``pattern_block`` blocks, shape ``(out/pb, in/pb)``."""
+    n, pb = spec.butterfly, spec.pattern_block
+    cell = np.ones(((out_features // n) // pb, (in_features // n) // pb), dtype=bool)
+    return np.kron(flat_butterfly(n, spec.factors), cell).astype(bool)
+
+
+def block_mask(spec: PatternSpec, out_features: int, in_features: int, block: int) -> np.ndarray:
+    """Boolean mask over hardware blocks, shape ``(out/block, in/block)``.
+
+    Raises ValueError if the pattern does not fit the weight exactly.
+    """
+    why = spec.misfit(out_features, in_features, block)
+    if why:
+        raise ValueError(why)
+    r = spec.pattern_block // block
+    return np.kron(pattern_mask(spec, out_features, in_features), np.ones((r, r), dtype=bool))
+
+
+def mask_density(mask: np.ndarray) -> float:
+    return float(mask.sum()) / mask.size
