@@ -187,9 +187,7 @@ class ModelSchema:
             raise SchemaError(f"{source}: expected a mapping with 'version' and 'gemms'")
         version = data.get("version")
         if version != SCHEMA_VERSION:
-            raise SchemaError(
-                f"{source}: 'version' must be {SCHEMA_VERSION}, got {version!r}"
-            )
+            raise SchemaError(f"{source}: 'version' must be {SCHEMA_VERSION}, got {version!r}")
         unknown = set(data) - {"version", "name", "description", "meta", "gemms"}
         if unknown:
             raise SchemaError(f"{source}: unknown top-level key {sorted(unknown)[0]!r}")

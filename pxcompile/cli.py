@@ -1,0 +1,237 @@
+"""The ``pxcompile`` command.
+
+    pxcompile SCHEMA.yaml --budget 0.3 --block 32        plan a model described by a schema
+    pxcompile MODEL.py --budget 0.3 --block 32 -o m.px   trace, plan, rewrite and save a model
+
+User mistakes end with one line on stderr and exit code 2; nothing half-written is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from . import __version__
+from .errors import PxError
+
+EPILOG = """\
+examples:
+  pxcompile schemas/gpt2-small.yaml --budget 0.3 --block 32
+  pxcompile schemas/vit-b16.yaml --budget 0.3 --plan-out vit.plan.yaml --masks-out vit.npz
+  pxcompile schemas/vit-b16.yaml --plan vit.plan.yaml          # re-apply an (edited) plan
+  pxcompile schemas/bert-base.yaml --budget 0.3 --dense 're:.*attention.*' --json
+  pxcompile schemas/mixer-b16.yaml --budget 0.3 --set size_exponent=0.5 --draw masks.png
+  pxcompile examples/mixer.py --budget 0.3 --block 32 -o mixer.px
+other commands:
+  pxcompile trace MODEL.py -o schema.yaml   dump the traced schema (a start for a YAML schema)
+  pxcompile bench MODEL.py --budget 0.3     measure the compiled model against its dense self
+  pxcompile check MODEL.py --budget 0.3     per-layer error of the rewrite at initialization
+"""
+
+
+def _budget(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {s!r}") from None
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
+    return v
+
+
+def _block(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a power of two, got {s!r}") from None
+    if v < 1 or v & (v - 1):
+        raise argparse.ArgumentTypeError(f"must be a power of two, got {s}")
+    return v
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"pxcompile: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("planning")
+    g.add_argument(
+        "--budget",
+        type=_budget,
+        help="fraction of the eligible GEMMs' dense FLOPs to keep, in (0, 1], e.g. 0.3",
+    )
+    g.add_argument(
+        "--block", type=_block, default=32, help="hardware block size, a power of two (default 32)"
+    )
+    g.add_argument(
+        "--policy", metavar="FILE", help="policy YAML (see README: Policy), e.g. policy.yaml"
+    )
+    g.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one policy field, e.g. --set types.attn_proj.eligible=false",
+    )
+    g.add_argument(
+        "--dense",
+        metavar="PATTERN",
+        action="append",
+        default=[],
+        help="keep matching GEMMs dense: a name, a glob or re:REGEX, e.g. --dense 're:.*attn.*'",
+    )
+    g.add_argument(
+        "--strict", action="store_true", help="fail (exit 3) when the budget is not attainable"
+    )
+    g.add_argument(
+        "--plan",
+        metavar="FILE",
+        help="apply this plan YAML instead of planning, e.g. --plan gpt2.plan.yaml",
+    )
+    g.add_argument(
+        "--model",
+        default="model",
+        help="model.py: name of the nn.Module or factory (default 'model')",
+    )
+    g.add_argument(
+        "--inputs",
+        default="example_inputs",
+        help="model.py: name of the inputs tuple or factory (default 'example_inputs')",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="pxcompile",
+        description="Compile a model to Pixelfly sparsity (flat block butterfly + low rank).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", help="a model schema (.yaml) or a model file (.py)")
+    _add_plan_args(p)
+    o = p.add_argument_group("outputs")
+    o.add_argument(
+        "--plan-out", metavar="FILE", help="write the plan as YAML, e.g. --plan-out plan.yaml"
+    )
+    o.add_argument(
+        "--masks-out",
+        metavar="FILE.npz",
+        help="write each sparse layer's block mask, e.g. --masks-out masks.npz",
+    )
+    o.add_argument(
+        "--draw",
+        metavar="FILE.png",
+        help="draw the distinct masks side by side, e.g. --draw masks.png",
+    )
+    o.add_argument(
+        "--json", action="store_true", help="print the report as JSON instead of a table"
+    )
+    o.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="model.py: write the compiled model, e.g. -o model.px",
+    )
+    o.add_argument(
+        "--init",
+        choices=["dense", "scratch"],
+        default="dense",
+        help="model.py: start from the dense weights (default) or the reference's scratch init",
+    )
+    p.add_argument("--version", action="version", version=f"pxcompile {__version__}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return SUBCOMMANDS[argv[0]](argv[1:])
+    args = build_parser().parse_args(argv)
+    return _guard(lambda: _compile(args))
+
+
+def _guard(fn) -> int:
+    err = Console(stderr=True, highlight=False)
+    try:
+        return fn()
+    except PxError as e:
+        err.print(f"pxcompile: error: {e}", markup=False, soft_wrap=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("pxcompile: interrupted", markup=False)
+        return 130
+
+
+def _policy(args: argparse.Namespace):
+    from .policy import Policy
+
+    pol = Policy.load(args.policy) if args.policy else Policy()
+    return pol.with_overrides(args.set).with_dense(args.dense)
+
+
+def _make_plan(args: argparse.Namespace, schema):
+    from .passes.budget import plan_schema
+    from .plan import Plan
+
+    if args.plan:
+        if args.budget is not None:
+            raise PxError("give --budget or --plan, not both")
+        return Plan.load(args.plan).check_against(schema, args.plan)
+    if args.budget is None:
+        raise PxError("--budget is required (or --plan FILE), e.g. --budget 0.3")
+    return plan_schema(schema, args.budget, args.block, _policy(args), strict=False)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from .schema import ModelSchema
+
+    path = Path(args.input)
+    if not path.exists():
+        raise PxError(f"{args.input}: no such file")
+    if path.suffix == ".py":
+        from .frontend_cli import compile_model_file
+
+        return compile_model_file(args)
+    if args.output:
+        raise PxError("-o/--output needs a model file (.py); for a schema use --plan-out")
+    schema = ModelSchema.load(path)
+    plan = _make_plan(args, schema)
+    return _finish(args, plan)
+
+
+def _finish(
+    args: argparse.Namespace, plan, extra_files: dict | None = None, extra_columns=None
+) -> int:
+    """Print the report and write the outputs; exit 3 when strict and not attainable."""
+    from . import report
+
+    files: dict = dict(extra_files or {})
+    if args.plan_out:
+        files[args.plan_out] = plan.to_yaml().encode()
+    if args.masks_out:
+        files[args.masks_out] = report.masks_npz_bytes(plan)
+    if args.draw:
+        try:
+            files[args.draw] = report.draw_png_bytes(plan)
+        except ImportError:
+            raise PxError("--draw needs matplotlib: pip install 'pxcompile[draw]'") from None
+    if args.json:
+        print(json.dumps(report.plan_json(plan), indent=1))
+    else:
+        report.print_plan(plan, report.make_console(), extra_columns)
+    if getattr(args, "strict", False) and plan.note:
+        raise PxError(f"budget {plan.budget:g} not attainable: {plan.note}")
+    report.write_outputs(files)
+    return 0
+
+
+SUBCOMMANDS: dict = {}

@@ -1,0 +1,227 @@
+"""The budget pass: hand out a density to every eligible GEMM from one compute budget.
+
+``budget`` is the fraction of the dense forward FLOPs of the eligible GEMMs that they keep.
+GEMMs with the same type and shape (and the same policy settings) form a class and get the
+same pattern. Allocation:
+
+1. a target per class, ``level * (size / smallest size of its type) ** -size_exponent``,
+   clamped to the type's floor and ceiling, rounded down to an achievable density (the
+   mapping pass's menu); ``level`` is found by bisection so the total stays within budget;
+2. monotone repair: within a type, a bigger class never keeps a higher density than a
+   smaller one;
+3. greedy fill: the slack left by rounding is handed out one menu step at a time, to the
+   least dense class first, never breaking the budget or the monotone rule.
+
+The achieved fraction is <= budget whenever the sparsest allowed patterns fit under it, and
+within ``TOLERANCE`` of it unless floors, ceilings or too few eligible layers prevent it;
+either case is recorded in the plan's ``note`` (and is an error with ``strict=True``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import BudgetNotAttainable, PxError
+from ..patterns import PatternSpec
+from ..plan import TOLERANCE, LayerPlan, Plan
+from ..policy import Policy
+from ..schema import Gemm, ModelSchema
+from .mapping import Choice, CostModel, FlopsBlockCost, choose, menu
+
+
+@dataclass
+class _Class:
+    members: list[Gemm]
+    options: list[Choice]
+    type_key: str
+    size: int
+    pinned: float | None
+    pick: int = 0  # index into options
+
+    @property
+    def flops(self) -> int:
+        return sum(g.flops for g in self.members)
+
+    @property
+    def density(self) -> float:
+        return self.options[self.pick].density
+
+
+def check_args(budget: float, block: int) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1:
+        raise PxError(f"--budget must be in (0, 1], got {budget!r}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1 or block & (block - 1):
+        raise PxError(f"--block must be a power of two, got {block!r}")
+
+
+def plan_schema(
+    schema: ModelSchema,
+    budget: float,
+    block: int = 32,
+    policy: Policy | None = None,
+    cost_model: CostModel | None = None,
+    strict: bool = False,
+) -> Plan:
+    """Run the budget and mapping passes on a schema and return the Plan."""
+    check_args(budget, block)
+    policy = policy or Policy()
+    cost_model = cost_model or FlopsBlockCost()
+    fits = [min(g.in_features, g.out_features) for g in schema.weight_gemms or schema.gemms]
+    if block > max(fits):
+        raise PxError(
+            f"--block {block} is larger than every layer of {schema.name} "
+            f"(the widest layer's narrow side is {max(fits)})"
+        )
+
+    dense: dict[str, str] = {}
+    classes: dict[tuple, _Class] = {}
+    for g in schema.gemms:
+        res = policy.resolve(g, block)
+        if res.dense_reason:
+            dense[g.name] = res.dense_reason
+            continue
+        key = (
+            g.type.value,
+            g.in_features,
+            g.out_features,
+            res.floor,
+            res.ceiling,
+            res.pinned,
+            res.rank,
+        )
+        cls = classes.get(key)
+        if cls is None:
+            opts = menu(g, block, policy, res, cost_model)
+            if not opts:
+                dense[g.name] = (
+                    f"no butterfly pattern fits {g.out_features}x{g.in_features} at block "
+                    f"{block} within density [{res.floor:g}, {res.ceiling:g}]"
+                )
+                continue
+            cls = classes[key] = _Class(
+                [], opts, g.type.value, g.in_features * g.out_features, res.pinned
+            )
+        cls.members.append(g)
+
+    note = _allocate(list(classes.values()), budget, policy)
+    picks: dict[str, tuple[PatternSpec, str]] = {}
+    for c in classes.values():
+        ch = c.options[c.pick]
+        why = (
+            f"pinned at {c.pinned:g} by policy"
+            if c.pinned is not None
+            else f"allocated {ch.density:.3f}"
+        )
+        for g in c.members:
+            picks[g.name] = (ch.spec, why)
+    layers = []
+    for g in schema.gemms:
+        if g.name in picks:
+            spec, why = picks[g.name]
+            layers.append(LayerPlan(g, spec, why))
+        else:
+            layers.append(LayerPlan(g, None, dense[g.name]))
+    plan = Plan(
+        model=schema.name,
+        block=block,
+        budget=float(budget),
+        layers=layers,
+        policy=policy.to_dict(),
+        cost_model=cost_model.name,
+        note=note,
+    )
+    if strict and note:
+        raise BudgetNotAttainable(f"budget {budget:g} not attainable: {note}")
+    return plan
+
+
+def _allocate(classes: list[_Class], budget: float, policy: Policy) -> str:
+    """Choose an option per class; return '' or why the budget could not be met."""
+    if not classes:
+        return "no GEMM is eligible for sparsity"
+    total = sum(c.flops for c in classes)
+    limit = budget * total
+    free = [c for c in classes if c.pinned is None]
+    for c in classes:
+        if c.pinned is not None:
+            c.pick = _index(c.options, choose(c.options, c.pinned))
+    smallest: dict[str, int] = {}
+    for c in free:
+        smallest[c.type_key] = min(smallest.get(c.type_key, c.size), c.size)
+
+    def kept() -> float:
+        return sum(c.flops * c.density for c in classes)
+
+    def set_level(level: float) -> None:
+        for c in free:
+            target = level * (c.size / smallest[c.type_key]) ** -policy.size_exponent
+            c.pick = _index(c.options, choose(c.options, target))
+
+    set_level(0.0)
+    if kept() > limit * (1 + 1e-12):
+        return (
+            f"the sparsest allowed patterns keep {kept() / total:.3f} of the eligible compute, "
+            f"above the budget {budget:g}"
+        )
+    lo, hi = 0.0, 1.0
+    set_level(hi)
+    while kept() <= limit and hi < 1e6:
+        lo, hi = hi, hi * 2
+        set_level(hi)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        set_level(mid)
+        if kept() <= limit:
+            lo = mid
+        else:
+            hi = mid
+    set_level(lo)
+    _repair_monotone(free)
+    _fill(free, classes, limit)
+    achieved = kept() / total
+    if achieved < budget - TOLERANCE:
+        return (
+            f"reached {achieved:.3f} of the eligible compute: density ceilings or too few "
+            f"eligible layers keep it below the budget {budget:g}"
+        )
+    return ""
+
+
+def _index(options: list[Choice], choice: Choice) -> int:
+    return options.index(choice)
+
+
+def _cap_for(c: _Class, free: list[_Class]) -> float:
+    """The highest density ``c`` may take: that of any strictly smaller class of its type."""
+    caps = [o.density for o in free if o.type_key == c.type_key and o.size < c.size]
+    return min(caps, default=float("inf"))
+
+
+def _repair_monotone(free: list[_Class]) -> None:
+    for c in sorted(free, key=lambda c: c.size):
+        cap = _cap_for(c, free)
+        while c.pick > 0 and c.density > cap + 1e-12:
+            c.pick -= 1
+
+
+def _fill(free: list[_Class], classes: list[_Class], limit: float) -> None:
+    kept = sum(c.flops * c.density for c in classes)
+    while True:
+        best: tuple | None = None
+        for c in free:
+            if c.pick + 1 >= len(c.options):
+                continue
+            nxt = c.options[c.pick + 1].density
+            if nxt > _cap_for(c, free) + 1e-12:
+                continue
+            extra = c.flops * (nxt - c.density)
+            if kept + extra > limit:
+                continue
+            key = (c.density, c.size, c.type_key)
+            if best is None or key < best[0]:
+                best = (key, c, extra)
+        if best is None:
+            return
+        _, c, extra = best
+        c.pick += 1
+        kept += extra

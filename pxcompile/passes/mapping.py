@@ -1,0 +1,147 @@
+"""The mapping pass: which flat block butterfly + low-rank pattern realises a density.
+
+For one GEMM it enumerates every pattern that fits the weight exactly at the hardware block
+(butterfly size ``n``, factors ``f``, pattern block, rank), prices each with a swappable
+:class:`CostModel`, and keeps a *menu*: the achievable densities, each with its cheapest
+pattern. Among choices of nearly equal density the cheaper one wins, which with the default
+cost model means fewer, larger blocks per row. The budget pass picks from the menu.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..patterns import PatternSpec
+from ..policy import Policy, Resolved
+from ..schema import Gemm
+
+# Choices whose densities differ by less than this (relative) count as "nearly equal".
+NEAR_EQUAL = 0.02
+
+
+class CostModel(Protocol):
+    """Estimated time of one forward of a GEMM, in arbitrary but consistent units."""
+
+    name: str
+
+    def dense_cost(self, gemm: Gemm) -> float: ...
+
+    def sparse_cost(self, gemm: Gemm, spec: PatternSpec) -> float: ...
+
+
+@dataclass(frozen=True)
+class FlopsBlockCost:
+    """FLOPs plus a fixed overhead per kept block and row (the cost of touching a block:
+    gathering it and a short inner loop), which favours fewer, larger blocks per row."""
+
+    block_overhead: float = 512.0  # in FLOP-equivalents per kept block per row
+    name: str = "flops+blocks"
+
+    def dense_cost(self, gemm: Gemm) -> float:
+        return float(gemm.flops)
+
+    def sparse_cost(self, gemm: Gemm, spec: PatternSpec) -> float:
+        o, i = gemm.out_features, gemm.in_features
+        pb = spec.pattern_block
+        kept = spec.kept_blocks(o, i)
+        per_row = 2.0 * (kept * pb * pb + spec.rank * (i + o)) + self.block_overhead * kept
+        return per_row * gemm.rows * gemm.calls
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One achievable pattern for a GEMM and what it costs."""
+
+    spec: PatternSpec
+    density: float  # butterfly + low-rank, relative to the dense weight
+    cost: float
+
+    @property
+    def block_density(self) -> float:
+        return self.spec.block_density
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(2, n + 1) if n % d == 0]
+
+
+def patterns(gemm: Gemm, block: int, max_pattern_block: int) -> list[PatternSpec]:
+    """Every rank-0 butterfly pattern that lays exactly on the weight (density < 1)."""
+    out: list[PatternSpec] = []
+    o, i = gemm.out_features, gemm.in_features
+    pb = block
+    while pb <= block * max_pattern_block and o % pb == 0 and i % pb == 0:
+        for n in _divisors(math.gcd(o // pb, i // pb)):
+            f = 1
+            while n % (1 << f) == 0 and f + 1 < n:
+                out.append(PatternSpec(n, f, pb))
+                f += 1
+        pb *= 2
+    return out
+
+
+def _ranks(gemm: Gemm, spec: PatternSpec, policy: Policy, resolved: Resolved) -> list[int]:
+    o, i = gemm.out_features, gemm.in_features
+    cap = min(o, i) // 2
+    if resolved.rank is not None:
+        return [min(resolved.rank, cap)]
+    # Auto: ranks up to lowrank_share of the layer's total density.
+    share = policy.lowrank_share
+    max_lr = share / (1 - share) * spec.block_density if share < 1 else 1.0
+    step = policy.rank_multiple
+    per_rank = (i + o) / (i * o)
+    top = min(cap, int(max_lr / per_rank))
+    return list(range(0, top + 1, step))
+
+
+def menu(
+    gemm: Gemm, block: int, policy: Policy, resolved: Resolved, cost_model: CostModel
+) -> list[Choice]:
+    """The GEMM's achievable choices within its floor and ceiling, by rising density.
+
+    Dominated choices (denser-or-equal and cheaper elsewhere on the menu) are dropped, and
+    of two nearly equal densities only the cheaper is kept.
+    """
+    o, i = gemm.out_features, gemm.in_features
+    choices: dict[float, Choice] = {}
+    for base in patterns(gemm, block, policy.max_pattern_block):
+        for r in _ranks(gemm, base, policy, resolved):
+            spec = PatternSpec(base.butterfly, base.factors, base.pattern_block, r)
+            if spec.misfit(o, i, block):
+                continue
+            d = spec.density(o, i)
+            if d >= 1.0 or not resolved.floor - 1e-12 <= d <= resolved.ceiling + 1e-12:
+                continue
+            c = Choice(spec, d, cost_model.sparse_cost(gemm, spec))
+            key = round(d, 12)
+            old = choices.get(key)
+            if old is None or (c.cost, c.spec) < (old.cost, old.spec):
+                choices[key] = c
+    # Pareto front: walking down in density, keep only what is cheaper than all denser ones.
+    front: list[Choice] = []
+    best = math.inf
+    for c in sorted(choices.values(), key=lambda c: (-c.density, c.cost, c.spec)):
+        if c.cost < best:
+            front.append(c)
+            best = c.cost
+    front.reverse()
+    # Nearly equal densities: keep the cheaper (the Pareto front makes that the lower one).
+    kept: list[Choice] = []
+    for c in front:
+        if kept and c.density - kept[-1].density < NEAR_EQUAL * c.density:
+            continue
+        kept.append(c)
+    return kept
+
+
+def choose(options: list[Choice], target: float) -> Choice:
+    """The densest choice at or below ``target`` (the sparsest one if none is)."""
+    best = options[0]
+    for c in options:
+        if c.density <= target + 1e-12:
+            best = c
+        else:
+            break
+    return best

@@ -1,0 +1,341 @@
+"""The Plan: which GEMM gets which pattern, and why. Plain data, written to YAML, edited by
+hand, applied again; deciding (the passes) is kept apart from rewriting (the torch side).
+
+Figures in a plan file (densities, FLOPs, the summary) are informational: on load they are
+recomputed from the patterns, so an edited plan can never report a density it doesn't have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from .errors import PlanError
+from .io import atomic_write_text
+from .patterns import PatternSpec, block_mask
+from .schema import Gemm, LayerType, ModelSchema
+
+PLAN_VERSION = 1
+TOLERANCE = 0.02  # the budget is met when achieved is in [budget - TOLERANCE, budget]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What one GEMM gets: a pattern (sparse) or nothing (dense), with the reason."""
+
+    gemm: Gemm
+    pattern: PatternSpec | None
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return self.gemm.name
+
+    @property
+    def sparse(self) -> bool:
+        return self.pattern is not None
+
+    @property
+    def eligible(self) -> bool:
+        """Counted in the budget's denominator: the layers the policy let be sparsified and
+        that got a pattern (a layer no pattern fits is dense and says why)."""
+        return self.pattern is not None
+
+    @property
+    def density(self) -> float:
+        """Kept fraction of the GEMM's weight and FLOPs, low-rank included (1 if dense)."""
+        if self.pattern is None:
+            return 1.0
+        return self.pattern.density(self.gemm.in_features, self.gemm.out_features)
+
+    @property
+    def block_density(self) -> float:
+        """Density of the block mask alone (what ``--masks-out`` writes)."""
+        return 1.0 if self.pattern is None else self.pattern.block_density
+
+    @property
+    def flops(self) -> float:
+        return self.gemm.flops * self.density
+
+    @property
+    def params(self) -> int:
+        g = self.gemm
+        if not g.has_weight:
+            return 0
+        if self.pattern is None:
+            return g.params
+        p = self.pattern
+        kept = p.kept_blocks(g.out_features, g.in_features) * p.pattern_block**2
+        return kept + p.rank * (g.in_features + g.out_features) + (g.out_features if g.bias else 0)
+
+    @property
+    def kept_per_row(self) -> int | None:
+        if self.pattern is None:
+            return None
+        return self.pattern.kept_per_row(self.gemm.out_features, self.gemm.in_features)
+
+    def mask(self, block: int) -> np.ndarray | None:
+        if self.pattern is None:
+            return None
+        return block_mask(self.pattern, self.gemm.out_features, self.gemm.in_features, block)
+
+
+@dataclass(frozen=True)
+class Summary:
+    eligible_flops: int
+    eligible_kept: float
+    model_flops: int
+    model_kept: float
+    dense_params: int
+    params: int
+    attainable: bool
+    note: str
+
+    @property
+    def eligible_fraction(self) -> float:
+        return self.eligible_kept / self.eligible_flops if self.eligible_flops else 1.0
+
+    @property
+    def model_fraction(self) -> float:
+        return self.model_kept / self.model_flops if self.model_flops else 1.0
+
+
+@dataclass
+class Plan:
+    """The compiler's decision for every GEMM of a schema.
+
+    Example:
+        >>> from pxcompile.schema import Gemm, LayerType, ModelSchema
+        >>> from pxcompile.passes.budget import plan_schema
+        >>> s = ModelSchema("m", [Gemm("fc", LayerType.MLP, 768, 3072, rows=1024)])
+        >>> p = plan_schema(s, budget=0.3, block=32)
+        >>> round(p.summary.eligible_fraction, 2) <= 0.3
+        True
+    """
+
+    model: str
+    block: int
+    budget: float | None
+    layers: list[LayerPlan]
+    policy: dict[str, Any] = field(default_factory=dict)
+    cost_model: str = ""
+    note: str = ""  # why the budget could not be met, if it couldn't
+    version: int = PLAN_VERSION
+
+    def __getitem__(self, name: str) -> LayerPlan:
+        for lp in self.layers:
+            if lp.name == name:
+                return lp
+        raise KeyError(name)
+
+    @property
+    def sparse_layers(self) -> list[LayerPlan]:
+        return [lp for lp in self.layers if lp.sparse]
+
+    @property
+    def summary(self) -> Summary:
+        el = [lp for lp in self.layers if lp.eligible]
+        ef = sum(lp.gemm.flops for lp in el)
+        ek = sum(lp.flops for lp in el)
+        attainable = not self.note
+        return Summary(
+            eligible_flops=ef,
+            eligible_kept=ek,
+            model_flops=sum(lp.gemm.flops for lp in self.layers),
+            model_kept=sum(lp.flops for lp in self.layers),
+            dense_params=sum(lp.gemm.params for lp in self.layers),
+            params=sum(lp.params for lp in self.layers),
+            attainable=attainable,
+            note=self.note,
+        )
+
+    def masks(self) -> dict[str, np.ndarray]:
+        """Block masks (hardware-block granularity) of the sparse layers, by GEMM name."""
+        return {lp.name: lp.mask(self.block) for lp in self.sparse_layers}  # type: ignore[misc]
+
+    # -- plain data -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        s = self.summary
+        layers = []
+        for lp in self.layers:
+            g = lp.gemm
+            d: dict[str, Any] = {
+                "name": g.name,
+                "type": g.type.value,
+                "in": g.in_features,
+                "out": g.out_features,
+                "rows": g.rows,
+            }
+            if g.calls != 1:
+                d["calls"] = g.calls
+            if lp.pattern is None:
+                d["action"] = "dense"
+            else:
+                d["action"] = "sparse"
+                d["pattern"] = lp.pattern.to_dict()
+                d["density"] = round(lp.density, 6)
+            d["reason"] = lp.reason
+            layers.append(d)
+        return {
+            "version": self.version,
+            "model": self.model,
+            "block": self.block,
+            "budget": self.budget,
+            "summary": {
+                "eligible_fraction": round(s.eligible_fraction, 6),
+                "model_fraction": round(s.model_fraction, 6),
+                "params": s.params,
+                "dense_params": s.dense_params,
+                "attainable": s.attainable,
+                **({"note": s.note} if s.note else {}),
+            },
+            "cost_model": self.cost_model,
+            "policy": self.policy,
+            "layers": layers,
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, width=100)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<plan>") -> Plan:
+        if not isinstance(data, dict):
+            raise PlanError(f"{source}: expected a mapping with 'version' and 'layers'")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(
+                f"{source}: 'version' must be {PLAN_VERSION}, got {data.get('version')!r}"
+            )
+        block = data.get("block")
+        if (
+            isinstance(block, bool)
+            or not isinstance(block, int)
+            or block < 1
+            or block & (block - 1)
+        ):
+            raise PlanError(f"{source}: 'block' must be a power of two, got {block!r}")
+        raw = data.get("layers")
+        if not isinstance(raw, list) or not raw:
+            raise PlanError(f"{source}: 'layers' must be a non-empty list")
+        budget = data.get("budget")
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float)):
+            raise PlanError(f"{source}: 'budget' must be a number, got {budget!r}")
+        layers = [_layer_from_dict(e, i, source, block) for i, e in enumerate(raw)]
+        names = [lp.name for lp in layers]
+        if len(set(names)) != len(names):
+            dup = next(n for n in names if names.count(n) > 1)
+            raise PlanError(f"{source}: layer {dup!r} appears twice")
+        summary = data.get("summary") or {}
+        return cls(
+            model=str(data.get("model", "")),
+            block=block,
+            budget=budget,
+            layers=layers,
+            policy=data.get("policy") or {},
+            cost_model=str(data.get("cost_model", "")),
+            note=str(summary.get("note", "")) if isinstance(summary, dict) else "",
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            raise PlanError(f"{path}: no such file") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise PlanError(
+                f"{path}:{where}: {getattr(e, 'problem', None) or 'invalid YAML'}"
+            ) from None
+        return cls.from_dict(data, str(path))
+
+    def check_against(self, schema: ModelSchema, source: str = "plan") -> Plan:
+        """Fit this plan to ``schema``: same GEMM names and shapes (rows may differ, and are
+        taken from the schema). Raises PlanError naming the first mismatch."""
+        mine = {lp.name: lp for lp in self.layers}
+        theirs = {g.name: g for g in schema.gemms}
+        missing = [n for n in theirs if n not in mine]
+        extra = [n for n in mine if n not in theirs]
+        if extra:
+            raise PlanError(
+                f"{source}: layer {extra[0]!r} is not in model {schema.name!r}"
+                + (f" ({len(extra)} such layers)" if len(extra) > 1 else "")
+            )
+        if missing:
+            raise PlanError(
+                f"{source}: model {schema.name!r} has GEMM {missing[0]!r} that the plan lacks"
+                + (f" ({len(missing)} such GEMMs)" if len(missing) > 1 else "")
+            )
+        layers = []
+        for g in schema.gemms:
+            lp = mine[g.name]
+            if (lp.gemm.in_features, lp.gemm.out_features) != (g.in_features, g.out_features):
+                raise PlanError(
+                    f"{source}: layer {g.name!r} is {lp.gemm.out_features}x{lp.gemm.in_features}"
+                    f" in the plan but {g.out_features}x{g.in_features} in the model"
+                )
+            if lp.pattern is not None and g.shared_with:
+                raise PlanError(
+                    f"{source}: layer {g.name!r} shares its weight with {g.shared_with}; "
+                    "it cannot be sparsified"
+                )
+            layers.append(replace(lp, gemm=g))
+        return replace(self, layers=layers)
+
+
+def _layer_from_dict(e: Any, i: int, source: str, block: int) -> LayerPlan:
+    if not isinstance(e, dict):
+        raise PlanError(f"{source}: layers[{i}]: expected a mapping")
+    name = e.get("name")
+    where = f"{source}: layers[{i}] ({name})" if name else f"{source}: layers[{i}]"
+    if not isinstance(name, str) or not name:
+        raise PlanError(f"{where}: 'name' must be a non-empty string")
+    try:
+        ltype = LayerType(e.get("type", "other"))
+    except ValueError:
+        raise PlanError(f"{where}: unknown 'type' {e.get('type')!r}") from None
+    vals = {}
+    for k in ("in", "out", "rows", "calls"):
+        v = e.get(k, 1 if k == "calls" else None)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise PlanError(f"{where}: '{k}' must be a positive integer, got {v!r}")
+        vals[k] = v
+    gemm = Gemm(name, ltype, vals["in"], vals["out"], vals["rows"], vals["calls"])
+    action = e.get("action")
+    reason = str(e.get("reason", ""))
+    if action == "dense":
+        return LayerPlan(gemm, None, reason or "dense (plan)")
+    if action != "sparse":
+        raise PlanError(f"{where}: 'action' must be 'sparse' or 'dense', got {action!r}")
+    p = e.get("pattern")
+    if not isinstance(p, dict):
+        raise PlanError(f"{where}: a sparse layer needs a 'pattern' mapping")
+    unknown = set(p) - {"butterfly", "factors", "pattern_block", "rank"}
+    if unknown:
+        raise PlanError(f"{where}: pattern: unknown field {sorted(unknown)[0]!r}")
+    for k in ("butterfly", "factors", "pattern_block"):
+        v = p.get(k)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise PlanError(f"{where}: pattern.{k} must be a positive integer, got {v!r}")
+    rank = p.get("rank", 0)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        raise PlanError(f"{where}: pattern.rank must be a non-negative integer, got {rank!r}")
+    try:
+        spec = PatternSpec(p["butterfly"], p["factors"], p["pattern_block"], rank)
+    except ValueError as err:
+        raise PlanError(f"{where}: pattern: {err}") from None
+    why = spec.misfit(gemm.out_features, gemm.in_features, block)
+    if why:
+        raise PlanError(f"{where}: pattern does not fit: {why}")
+    if spec.density(gemm.in_features, gemm.out_features) >= 1:
+        raise PlanError(f"{where}: pattern keeps the whole weight (density >= 1)")
+    return LayerPlan(gemm, spec, reason or "pattern from plan")

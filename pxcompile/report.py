@@ -1,0 +1,181 @@
+"""Reports of a Plan: a rich table for people, a dict (JSON) for machines, mask files and
+pictures of the masks."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from .io import atomic_write_bytes
+from .plan import Plan
+from .schema import human
+
+
+def plan_table(plan: Plan, extra_columns: dict[str, dict[str, str]] | None = None) -> Table:
+    """One row per GEMM: what it gets and what that costs. ``extra_columns`` maps a column
+    title to per-layer cells (e.g. measured errors or predicted speedups)."""
+    t = Table(
+        title=f"{plan.model}: block {plan.block}, budget {plan.budget:g}", title_justify="left"
+    )
+    for col, kw in (
+        ("GEMM", {}),
+        ("type", {}),
+        ("shape", {"justify": "right"}),
+        ("pattern n/f/pb", {"justify": "right"}),
+        ("rank", {"justify": "right"}),
+        ("blk/row", {"justify": "right"}),
+        ("mask dens", {"justify": "right"}),
+        ("density", {"justify": "right"}),
+        ("params", {"justify": "right"}),
+        ("FLOPs", {"justify": "right"}),
+        ("why", {"overflow": "fold", "max_width": 48}),
+    ):
+        t.add_column(col, **kw)
+    extra_columns = extra_columns or {}
+    for title in extra_columns:
+        t.add_column(title, justify="right")
+    for lp in plan.layers:
+        g = lp.gemm
+        shape = f"{g.out_features}x{g.in_features}"
+        if lp.pattern is None:
+            pat = rank = kpr = "-"
+            dens = mdens = "1"
+            style = "dim"
+        else:
+            p = lp.pattern
+            pat = f"{p.butterfly}/{p.factors}/{p.pattern_block}"
+            rank = str(p.rank)
+            kpr = str(lp.kept_per_row)
+            mdens = f"{lp.block_density:.4f}"
+            dens = f"{lp.density:.4f}"
+            style = ""
+        params = "-" if not g.has_weight else f"{human(g.params)} → {human(lp.params)}"
+        flops = f"{human(g.flops)} → {human(lp.flops)}"
+        cells = [g.name, g.type.value, shape, pat, rank, kpr, mdens, dens, params, flops, lp.reason]
+        cells += [extra_columns[title].get(g.name, "") for title in extra_columns]
+        t.add_row(*cells, style=style)
+    s = plan.summary
+    t.add_section()
+    t.add_row(
+        "total",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        f"{s.model_fraction:.4f}",
+        f"{human(s.dense_params)} → {human(s.params)}",
+        f"{human(s.model_flops)} → {human(s.model_kept)}",
+        f"{len(plan.sparse_layers)} of {len(plan.layers)} GEMMs sparse",
+        *["" for _ in extra_columns],
+        style="bold",
+    )
+    return t
+
+
+def summary_lines(plan: Plan) -> list[str]:
+    s = plan.summary
+    lines = [
+        f"achieved budget: {s.eligible_fraction:.4f} of the eligible GEMMs' compute "
+        f"(budget {plan.budget:g}); whole model: {s.model_fraction:.4f} "
+        f"(dense GEMMs included); params {s.params / max(s.dense_params, 1):.4f} of dense"
+    ]
+    if s.note:
+        lines.append(f"not attainable: {s.note}")
+    return lines
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A console that keeps tables readable when piped (no 80-column squeeze)."""
+    c = Console(stderr=stderr, highlight=False)
+    if not c.is_terminal:
+        c = Console(stderr=stderr, highlight=False, width=200)
+    return c
+
+
+def print_plan(plan: Plan, console: Console | None = None, extra_columns=None) -> None:
+    console = console or make_console()
+    console.print(plan_table(plan, extra_columns))
+    for line in summary_lines(plan):
+        style = "bold red" if line.startswith("not attainable") else "bold"
+        console.print(line, style=style, highlight=False)
+
+
+def plan_json(plan: Plan) -> dict[str, Any]:
+    """The same as the table, for machines."""
+    d = plan.to_dict()
+    s = plan.summary
+    d["summary"].update(
+        eligible_flops=s.eligible_flops,
+        eligible_kept_flops=s.eligible_kept,
+        model_flops=s.model_flops,
+        model_kept_flops=s.model_kept,
+    )
+    for row, lp in zip(d["layers"], plan.layers):
+        row.update(
+            params=lp.gemm.params,
+            sparse_params=lp.params,
+            flops=lp.gemm.flops,
+            sparse_flops=lp.flops,
+            mask_density=lp.block_density,
+            density=lp.density,
+            kept_per_row=lp.kept_per_row,
+        )
+    return d
+
+
+def masks_npz_bytes(plan: Plan) -> bytes:
+    """Each sparse layer's block mask (bool, hardware-block granularity), keyed by name."""
+    buf = io.BytesIO()
+    masks = plan.masks()
+    np.savez_compressed(buf, **masks)
+    return buf.getvalue()
+
+
+def draw_png_bytes(plan: Plan, max_panels: int = 12) -> bytes:
+    """The distinct masks side by side (kept blocks dark), as in the paper's figures."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    distinct: dict[tuple, tuple[str, np.ndarray, str]] = {}
+    for lp in plan.sparse_layers:
+        g, p = lp.gemm, lp.pattern
+        key = (g.out_features, g.in_features, p)
+        if key not in distinct:
+            m = lp.mask(plan.block)
+            title = (
+                f"{g.out_features}x{g.in_features}\nn={p.butterfly} f={p.factors} "
+                f"pb={p.pattern_block} r={p.rank}\nmask {lp.block_density:.3f}"
+            )
+            distinct[key] = (g.name, m, title)
+    panels = list(distinct.values())[:max_panels]
+    k = max(len(panels), 1)
+    fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 3.6), squeeze=False)
+    for ax, (_, m, title) in zip(axes[0], panels):
+        ax.imshow(m, cmap="Greys", interpolation="nearest", aspect="auto", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if not panels:
+        axes[0][0].text(0.5, 0.5, "no sparse layer", ha="center")
+        axes[0][0].axis("off")
+    fig.suptitle(f"{plan.model}: block masks at block {plan.block} (dark = kept)", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_outputs(files: dict[str | Path, bytes]) -> None:
+    """Write every output only once all of them have been produced, each atomically."""
+    for path, data in files.items():
+        atomic_write_bytes(path, data)
