@@ -186,11 +186,11 @@ class ModelSchema:
         if not isinstance(data, dict):
             raise SchemaError(f"{source}: expected a mapping with 'version' and 'gemms'")
         version = data.get("version")
-        if version != SCHEMA_VERSION:
+        if type(version) is not int or version != SCHEMA_VERSION:
             raise SchemaError(f"{source}: 'version' must be {SCHEMA_VERSION}, got {version!r}")
         unknown = set(data) - {"version", "name", "description", "meta", "gemms"}
         if unknown:
-            raise SchemaError(f"{source}: unknown top-level key {sorted(unknown)[0]!r}")
+            raise SchemaError(f"{source}: unknown top-level key {sorted(unknown, key=str)[0]!r}")
         name = data.get("name", Path(source).stem)
         if not isinstance(name, str) or not name:
             raise SchemaError(f"{source}: 'name' must be a non-empty string, got {name!r}")
@@ -200,12 +200,15 @@ class ModelSchema:
         meta = data.get("meta") or {}
         if not isinstance(meta, dict):
             raise SchemaError(f"{source}: 'meta' must be a mapping")
+        description = data.get("description") or ""
+        if not isinstance(description, str):
+            raise SchemaError(f"{source}: 'description' must be a string")
         gemms = [_gemm_from_dict(entry, i, source) for i, entry in enumerate(raw)]
         try:
             return cls(
                 name=name,
                 gemms=gemms,
-                description=str(data.get("description", "")),
+                description=description,
                 meta=meta,
             )
         except SchemaError as e:
@@ -238,13 +241,14 @@ def _gemm_from_dict(entry: Any, i: int, source: str) -> Gemm:
     if not isinstance(entry, dict):
         raise SchemaError(f"{source}: gemms[{i}]: expected a mapping, got {type(entry).__name__}")
     name = entry.get("name")
-    label = f"gemms[{i}] ({name})" if isinstance(name, str) and name else f"gemms[{i}]"
+    shown = name if isinstance(name, str) and name.isprintable() else repr(name)
+    label = f"gemms[{i}] ({shown})" if isinstance(name, str) and name else f"gemms[{i}]"
     where = f"{source}: {label}"
     if not isinstance(name, str) or not name:
         raise SchemaError(f"{where}: 'name' must be a non-empty string, got {name!r}")
     unknown = set(entry) - _GEMM_KEYS
     if unknown:
-        raise SchemaError(f"{where}: unknown field {sorted(unknown)[0]!r}")
+        raise SchemaError(f"{where}: unknown field {sorted(unknown, key=str)[0]!r}")
     t = entry.get("type")
     try:
         ltype = LayerType(t)
@@ -266,6 +270,8 @@ def _gemm_from_dict(entry: Any, i: int, source: str) -> Gemm:
     if not isinstance(bias, bool):
         raise SchemaError(f"{where}: 'bias' must be true or false, got {bias!r}")
     shared = entry.get("shared_with")
+    if "shared_with" in entry and shared is None:
+        raise SchemaError(f"{where}: 'shared_with' must be a name, got None")
     if shared is not None and (not isinstance(shared, str) or not shared):
         raise SchemaError(f"{where}: 'shared_with' must be a name, got {shared!r}")
     return Gemm(

@@ -413,30 +413,19 @@ def test_not_utf8(tmp_path):
         ModelSchema.load(path)
 
 
-# -- known defects in schema.py (strict xfail: these start passing once it is fixed) ------
+# -- defects found in schema.py, now fixed ---------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True, raises=TypeError, reason="sorted() of mixed-type unknown keys raises TypeError"
-)
 def test_unknown_non_string_key():
     _err("version: 1\n1: x\nfoo: y\ngemms:\n- {name: a, type: mlp, in: 1, out: 1, rows: 1}\n")
     _err("version: 1\ngemms:\n- {name: a, type: mlp, in: 1, out: 1, rows: 1, 2: 3, zz: 1}\n")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="version is compared with ==, so true and 1.0 pass",
-)
 @pytest.mark.parametrize("version", ["true", "1.0"])
 def test_version_must_be_the_integer(version):
     _err(f"version: {version}\ngemms:\n- {{name: a, type: mlp, in: 1, out: 1, rows: 1}}\n")
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="description: (null) becomes the string 'None'"
-)
 def test_null_description():
     text = "version: 1\ndescription:\ngemms:\n- {name: a, type: mlp, in: 1, out: 1, rows: 1}\n"
     assert ModelSchema.from_yaml(text).description == ""
