@@ -198,7 +198,7 @@ def _compile(args: argparse.Namespace) -> int:
     if not path.exists():
         raise PxError(f"{args.input}: no such file")
     if path.suffix == ".py":
-        from .frontend_cli import compile_model_file
+        from .frontend_cli import compile_model_file  # imports torch: only for models
 
         return compile_model_file(args)
     if args.output:

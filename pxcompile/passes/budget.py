@@ -61,8 +61,12 @@ def plan_schema(
     policy: Policy | None = None,
     cost_model: CostModel | None = None,
     strict: bool = False,
+    dense: dict[str, str] | None = None,
 ) -> Plan:
-    """Run the budget and mapping passes on a schema and return the Plan."""
+    """Run the budget and mapping passes on a schema and return the Plan.
+
+    ``dense`` forces GEMMs dense with a reason (e.g. ones the rewrite can't reach).
+    """
     check_args(budget, block)
     policy = policy or Policy()
     cost_model = cost_model or FlopsBlockCost()
@@ -73,12 +77,13 @@ def plan_schema(
             f"(the widest layer's narrow side is {max(fits)})"
         )
 
-    dense: dict[str, str] = {}
     classes: dict[tuple, _Class] = {}
+    forced = dict(dense or {})
+    why_dense: dict[str, str] = {}
     for g in schema.gemms:
         res = policy.resolve(g, block)
-        if res.dense_reason:
-            dense[g.name] = res.dense_reason
+        if res.dense_reason or g.name in forced:
+            why_dense[g.name] = res.dense_reason or forced[g.name]
             continue
         key = (
             g.type.value,
@@ -93,7 +98,7 @@ def plan_schema(
         if cls is None:
             opts = menu(g, block, policy, res, cost_model)
             if not opts:
-                dense[g.name] = (
+                why_dense[g.name] = (
                     f"no butterfly pattern fits {g.out_features}x{g.in_features} at block "
                     f"{block} within density [{res.floor:g}, {res.ceiling:g}]"
                 )
@@ -120,7 +125,7 @@ def plan_schema(
             spec, why = picks[g.name]
             layers.append(LayerPlan(g, spec, why))
         else:
-            layers.append(LayerPlan(g, None, dense[g.name]))
+            layers.append(LayerPlan(g, None, why_dense[g.name]))
     plan = Plan(
         model=schema.name,
         block=block,

@@ -1,0 +1,77 @@
+"""``pxcompile MODEL.py``: trace, plan, rewrite, verify and save a model file."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterator
+
+from .errors import PxError
+from .report import make_console
+
+# A rewrite whose outputs differ from the masked-dense reference by more than this (relative
+# to the largest output) is a bug, not rounding.
+VERIFY_TOLERANCE = 1e-3
+
+
+@contextlib.contextmanager
+def progress_status(enabled: bool = True) -> Iterator:
+    """A spinner on stderr with the current step; yields a ``progress(msg)`` callback."""
+    console = make_console(stderr=True)
+    if not enabled or not console.is_terminal:
+        yield lambda msg: None
+        return
+    with console.status("starting") as status:
+        yield lambda msg: status.update(msg)
+
+
+def compile_model_file(args: argparse.Namespace) -> int:
+    from . import api
+    from .cli import _finish, _policy
+    from .modelfile import load_model_file
+    from .plan import Plan
+
+    err = make_console(stderr=True)
+    with progress_status(not args.json) as progress:
+        progress(f"loading {args.input}")
+        model, inputs = load_model_file(args.input, args.model, args.inputs)
+        progress("tracing")
+        traced = api.trace(model, inputs, name=_stem(args.input), progress=progress)
+        if args.plan:
+            if args.budget is not None:
+                raise PxError("give --budget or --plan, not both")
+            plan = Plan.load(args.plan).check_against(traced.schema, args.plan)
+        else:
+            if args.budget is None:
+                raise PxError("--budget is required (or --plan FILE), e.g. --budget 0.3")
+            plan = api._plan_traced(model, traced, args.budget, args.block, _policy(args))
+        progress("rewriting")
+        gm = api.apply(model, plan, inputs, traced=traced, init=args.init, progress=progress)
+        progress("verifying against the masked-dense reference")
+        diff = api.verify(model, gm, traced, inputs)
+        extra_files = {}
+        if args.output:
+            from . import serialize
+
+            progress(f"saving {args.output}")
+            extra_files[args.output] = serialize.to_bytes(gm, inputs)
+    if diff > VERIFY_TOLERANCE:
+        raise PxError(
+            f"internal error: the rewrite differs from the masked-dense reference by {diff:.2e}"
+        )
+    errors = gm.pxcompile_init_errors
+    cols = {"init err": {k: f"{v:.3f}" for k, v in errors.items()}}
+    rc = _finish(args, plan, extra_files, extra_columns=cols)
+    if not args.json:
+        err.print(
+            f"verified: max relative output difference vs masked-dense reference {diff:.1e}"
+            + (f"; wrote {args.output}" if args.output else ""),
+            highlight=False,
+        )
+    return rc
+
+
+def _stem(path: str) -> str:
+    from pathlib import Path
+
+    return Path(path).stem

@@ -1,0 +1,231 @@
+"""The rewrite pass: model + Plan -> a ``torch.fx.GraphModule`` with sparse layers.
+
+Every GEMM the plan makes sparse becomes a :class:`~pxcompile.layers.PixelflyLinear` that
+stores only its kept blocks and low-rank factors; its dense weight is gone from the result.
+How a GEMM is reached comes from the trace pass's bindings:
+
+* ``linear`` / ``conv1d``: the module (``nn.Linear``, HF ``Conv1D`` whose weight is stored
+  ``[in, out]``) is swapped for a PixelflyLinear with the same qualified name;
+* ``mha_in_proj``: the ``nn.MultiheadAttention`` is swapped for
+  :class:`~pxcompile.mha.ProjectedMultiheadAttention`, whose packed in-projection and
+  out-projection are modules (sparse or not, each as the plan says);
+* ``functional``: ``F.linear(x, w, b)`` on a parameter, rewritten in the fx graph to a call of
+  a new PixelflyLinear submodule (fx path only; otherwise the GEMM stays dense, and says why).
+
+The user's model is deep-copied first unless ``inplace=True``. With an fx trace the result's
+graph is the traced graph (Linear-likes as module calls); a model fx cannot trace comes back as
+a GraphModule whose graph calls the rewritten model as one module.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..errors import PlanError
+from ..layers import PixelflyLinear
+from ..mha import ProjectedMultiheadAttention, unsupported_reason
+from ..plan import LayerPlan, Plan
+from .trace import GemmBinding, TraceResult
+
+ProgressFn = Callable[[str], None]
+
+
+@dataclass
+class RewriteResult:
+    module: fx.GraphModule
+    init_errors: dict[str, float] = field(default_factory=dict)  # relative Frobenius error
+    layers: dict[str, str] = field(default_factory=dict)  # GEMM name -> path in ``module``
+
+
+def rewritable(binding: GemmBinding, model: nn.Module | None, method: str) -> str | None:
+    """Why the GEMM behind ``binding`` can't be rewritten (None if it can)."""
+    if binding.kind == "functional" and method != "fx":
+        return "used functionally (F.linear on a parameter) in a model fx cannot trace"
+    if model is None:
+        pass
+    elif binding.kind == "mha_in_proj" or binding.kind == "linear" and _mha_owner(model, binding):
+        owner = binding.module if binding.kind == "mha_in_proj" else _mha_owner(model, binding)
+        mha = model.get_submodule(owner)
+        if isinstance(mha, nn.MultiheadAttention):
+            return unsupported_reason(mha)
+    if binding.kind not in ("linear", "conv1d", "mha_in_proj", "functional"):
+        return f"no rewrite for GEMMs of kind {binding.kind!r}"
+    return None
+
+
+def _mha_owner(model: nn.Module, binding: GemmBinding) -> str | None:
+    """The MultiheadAttention that owns this out_proj Linear, if any."""
+    if not binding.module:
+        return None
+    parent = binding.module.rpartition(".")[0]
+    try:
+        p = model.get_submodule(parent)
+    except AttributeError:
+        return None
+    return parent if isinstance(p, nn.MultiheadAttention) else None
+
+
+def _dense_weight(model: nn.Module, b: GemmBinding) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The GEMM's weight in ``[out, in]`` layout and its bias."""
+    w = model.get_parameter(b.weight)
+    bias = model.get_parameter(b.bias) if b.bias else None
+    if b.kind == "conv1d":
+        w = w.t()
+    return w, bias
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def rewrite(
+    model: nn.Module,
+    traced: TraceResult,
+    plan: Plan,
+    *,
+    init: str = "dense",
+    inplace: bool = False,
+    progress: ProgressFn | None = None,
+) -> RewriteResult:
+    """Emit the sparsified GraphModule for ``model`` as ``plan`` says."""
+    if init not in ("dense", "scratch"):
+        raise ValueError(f"init must be 'dense' or 'scratch', got {init!r}")
+    plan = plan.check_against(traced.schema)
+    target = model if inplace else copy.deepcopy(model)
+    errors: dict[str, float] = {}
+    sparse: list[LayerPlan] = plan.sparse_layers
+    made: dict[str, PixelflyLinear] = {}
+    for k, lp in enumerate(sparse):
+        b = traced.bindings.get(lp.name)
+        if b is None:
+            raise PlanError(f"plan: layer {lp.name!r} has no weight to rewrite")
+        why = rewritable(b, target, traced.method)
+        if why:
+            raise PlanError(f"plan: layer {lp.name!r} can't be sparsified: {why}")
+        if progress:
+            progress(f"rewriting {lp.name} ({k + 1}/{len(sparse)})")
+        w, bias = _dense_weight(target, b)
+        with torch.no_grad():
+            layer = PixelflyLinear.from_dense(w, bias, lp.pattern, init=init)
+        layer.train(target.training)
+        if layer.init_error is not None:
+            errors[lp.name] = layer.init_error
+        made[lp.name] = layer
+
+    # Swap modules. MultiheadAttention first: its wrapper takes the (maybe sparse) projections.
+    mhas: dict[str, dict[str, nn.Module]] = {}
+    for name, layer in made.items():
+        b = traced.bindings[name]
+        if b.kind == "mha_in_proj":
+            mhas.setdefault(b.module, {})["in_proj"] = layer
+        elif b.kind == "linear" and _mha_owner(target, b):
+            mhas.setdefault(_mha_owner(target, b), {})["out_proj"] = layer
+    paths: dict[str, str] = {}
+    for name in made:
+        b = traced.bindings[name]
+        owner = b.module if b.kind == "mha_in_proj" else _mha_owner(target, b)
+        if b.kind == "mha_in_proj":
+            paths[name] = f"{owner}.in_proj" if owner else "in_proj"
+        elif owner is not None:
+            paths[name] = f"{owner}.out_proj" if owner else "out_proj"
+        elif b.kind == "functional":
+            paths[name] = f"pixelfly_{len(paths)}_{b.weight.replace('.', '_')}"
+        else:
+            paths[name] = b.module
+    for mname, parts in mhas.items():
+        mha = target.get_submodule(mname)
+        in_proj = parts.get("in_proj") or _packed_linear(mha)
+        out_proj = parts.get("out_proj") or mha.out_proj
+        wrapper = ProjectedMultiheadAttention(mha, in_proj, out_proj)
+        wrapper.train(mha.training)
+        _set_submodule(target, mname, wrapper)
+    if mhas:
+        for m in target.modules():
+            if isinstance(m, nn.TransformerEncoder):
+                m.use_nested_tensor = False  # its fast path reads dense weights
+    functional: dict[str, tuple[str, PixelflyLinear]] = {}
+    for name, layer in made.items():
+        b = traced.bindings[name]
+        if b.kind == "functional":
+            functional[b.weight] = (paths[name], layer)
+        elif b.kind in ("linear", "conv1d") and b.module not in mhas and not _is_mha_part(b, mhas):
+            _set_submodule(target, b.module, layer)
+
+    if traced.method == "fx" and traced.graph_module is not None:
+        gm = _rebuild_fx(target, traced.graph_module.graph, functional)
+    else:
+        gm = _wrap(target)
+        paths = {k: f"model.{v}" for k, v in paths.items()}
+    gm.train(model.training)
+    return RewriteResult(gm, errors, paths)
+
+
+def _is_mha_part(b: GemmBinding, mhas: dict) -> bool:
+    return b.module.rpartition(".")[0] in mhas and b.module.endswith("out_proj")
+
+
+def _packed_linear(mha: nn.MultiheadAttention) -> nn.Linear:
+    e = mha.embed_dim
+    lin = nn.Linear(e, 3 * e, bias=mha.in_proj_bias is not None)
+    lin.weight = mha.in_proj_weight
+    if mha.in_proj_bias is not None:
+        lin.bias = mha.in_proj_bias
+    return lin
+
+
+def _rebuild_fx(
+    root: nn.Module, graph: fx.Graph, functional: dict[str, tuple[str, PixelflyLinear]]
+) -> fx.GraphModule:
+    name = type(root).__name__ + "Pixelfly"
+    gm = fx.GraphModule(root, copy.deepcopy(graph), class_name=name)
+    graph = gm.graph
+    for wname, (sub, layer) in functional.items():
+        gm.add_submodule(sub, layer)
+        for node in list(graph.nodes):
+            if node.op == "call_function" and node.target in (F.linear, torch._C._nn.linear):
+                args = list(node.args) + [None] * (3 - len(node.args))
+                w = node.kwargs.get("weight", args[1])
+                if isinstance(w, fx.Node) and w.op == "get_attr" and w.target == wname:
+                    x = node.kwargs.get("input", args[0])
+                    with graph.inserting_before(node):
+                        new = graph.call_module(sub, (x,))
+                    node.replace_all_uses_with(new)
+                    graph.erase_node(node)
+    graph.eliminate_dead_code()
+    graph.lint()
+    # Rebuilding from itself keeps only what the graph uses: dense weights left unused go.
+    return fx.GraphModule(gm, graph, class_name=name)
+
+
+def _wrap(target: nn.Module) -> fx.GraphModule:
+    """A GraphModule whose graph calls ``target`` as one module (for models fx can't trace)."""
+    g = fx.Graph()
+    sig = inspect.signature(target.forward)
+    args, kwargs = [], {}
+    for pname, p in sig.parameters.items():
+        if p.kind is p.VAR_POSITIONAL:
+            args.append(g.placeholder(f"*{pname}"))
+        elif p.kind is p.VAR_KEYWORD:
+            continue
+        else:
+            default = () if p.default is p.empty else (p.default,)
+            node = g.placeholder(
+                pname, default_value=default[0] if default else inspect.Parameter.empty
+            )
+            if p.kind is p.KEYWORD_ONLY:
+                kwargs[pname] = node
+            else:
+                args.append(node)
+    out = g.call_module("model", tuple(args), kwargs)
+    g.output(out)
+    root = nn.Module()
+    root.model = target
+    return fx.GraphModule(root, g, class_name=type(target).__name__ + "Pixelfly")
