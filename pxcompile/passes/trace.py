@@ -78,8 +78,8 @@ Layer types (first rule that matches, on the lower-cased dotted path of the GEMM
    a transpose/permute that moved the second-to-last dim (the sequence) last, or from
    another token-mixing GEMM -> ``token_mix``;
 6. MHA GEMMs, a segment containing ``attn``/``attention`` (attn, self_attn, attention,
-   SelfAttention, EncDecAttention, ...), or (below the root) a last segment in {q, k, v,
-   query, key, value,
+   SelfAttention, EncDecAttention, ...), or a last segment in {q, k, v (these three not at
+   the root), query, key, value,
    qkv, kv, c_attn, in_proj, out_proj, q_proj, k_proj, v_proj, o_proj, to_q, to_k, to_v,
    to_qkv} -> ``attn_proj`` (so GPT-2's ``attn.c_proj`` is attention, ``mlp.c_proj`` MLP);
 7. a segment containing mlp/ffn/feed_forward/feedforward/densereludense/intermediate/
@@ -122,9 +122,22 @@ class GemmBinding:
 
     gemm: str  # Gemm.name
     module: str  # qualified name of the owning module ('' for root)
-    kind: str  # 'linear' | 'conv1d' | 'mha_in_proj' | 'functional'
+    kind: str  # see below
     weight: str  # qualified parameter name
     bias: str | None = None
+
+
+# GemmBinding.kind:
+#   'linear'        an nn.Linear called as a module (also nn.MultiheadAttention.out_proj,
+#                   which MHA uses through its weight; module = '<mha>.out_proj')
+#   'conv1d'        an HF Conv1D called as a module (weight stored [in, out])
+#   'mha_in_proj'   the packed in-projection of an nn.MultiheadAttention (module = the MHA;
+#                   weight '<mha>.in_proj_weight' [3E, E], or q/k/v_proj_weight when separate)
+#   'functional'    F.linear(x, <parameter>[, <parameter>]) with the parameter itself, weight
+#                   [out, in] (the fx rewrite can replace that call)
+#   'functional_op' any other use of a parameter in a GEMM: x @ W ([in, out]), W @ x,
+#                   F.linear on W.t() or a slice, addmm, einsum, tensordot, or a weight used
+#                   both as a module and functionally; not rewritable, stays dense
 
 
 @dataclass
@@ -256,7 +269,7 @@ def classify(
     if (
         is_mha
         or any("attn" in s or "attention" in s for s in segs)
-        or (len(segs) > 1 and last in _ATTN_LAST)
+        or (last in _ATTN_LAST and (len(last) > 1 or len(segs) > 1))
     ):
         return LayerType.ATTN_PROJ
     if (
@@ -583,7 +596,7 @@ def _build_schema(
                 last_weight_gemm=gname == last_weight,
             )
             kinds = {s.kind for s in group}
-            kind = s0.kind if len(kinds) == 1 else "functional"
+            kind = s0.kind if len(kinds) == 1 else "functional_op"
             bindings[gname] = GemmBinding(gname, s0.module, kind, s0.weight, s0.bias)
         else:
             ltype = s0.ltype  # type: ignore[assignment]
@@ -765,7 +778,8 @@ class _Analyzer:
         else:  # x @ W, W [in, out]
             in_f, out_f = wshape
         rows = max(1, _prod(oshape) // max(1, out_f))
-        self._weight_site_dims(node, x, pname, in_f, out_f, rows, bias_node, wshape)
+        direct = w_is_linear and self.param_of_node(w_node) is not None
+        self._weight_site_dims(node, x, pname, in_f, out_f, rows, bias_node, wshape, direct)
 
     def _weight_site_dims(
         self,
@@ -777,7 +791,9 @@ class _Analyzer:
         rows: int,
         bias_node: Any,
         wshape: tuple[int, ...],
+        direct: bool = False,
     ) -> None:
+        """One weight GEMM site; ``direct``: ``linear(x, <parameter>)`` (no view of it)."""
         pid = self.params.pid(pname)
         assert pid is not None
         scope = self.scope_of(node)
@@ -786,7 +802,11 @@ class _Analyzer:
         okind = _module_kind(owner_mod) if owner_mod is not None else None
         full = self.params.by_name[pname].shape
         full_in = full_out = None
-        kind, gname, is_mha, module = "functional", pname, False, owner
+        bias_ok = bias_node is None or (
+            isinstance(bias_node, fx.Node) and self.param_of_node(bias_node) is not None
+        )
+        kind = "functional" if direct and bias_ok else "functional_op"
+        gname, is_mha, module = pname, False, owner
         if okind == "mha" and leaf in (
             "in_proj_weight",
             "q_proj_weight",
@@ -841,7 +861,9 @@ class _Analyzer:
                 weight_pid=pid,
                 kind=kind,
                 module=module,
-                weight=self.params.name_under(pid, owner) if kind != "functional" else pname,
+                weight=pname
+                if kind.startswith("functional")
+                else self.params.name_under(pid, owner),
                 bias=bias_name,
                 has_bias=has_bias,
                 full_in=full_in,
@@ -968,7 +990,7 @@ class _Analyzer:
         rows = max(1, _prod(so) // max(1, out_f))
         if pb is not None and pa is None:
             wshape = (in_f, out_f)
-            self._weight_site_dims(node, a, pb, in_f, out_f, rows, None, wshape)
+            self._weight_site_dims(node, a, pb, in_f, out_f, rows, None, wshape, False)
             return
         if pb is not None:
             self.notes.append(f"{node.name}: einsum of two parameters; skipped")
