@@ -51,8 +51,11 @@ def flat_butterfly(n: int, f: int) -> np.ndarray:
 def check_butterfly(n: int, f: int) -> None:
     if f < 1:
         raise ValueError(f"factors must be >= 1, got {f}")
-    if n < 2 or n % (1 << f):
-        raise ValueError(f"butterfly size {n} must be a multiple of 2^factors = {1 << f}")
+    # 2^f > n when f >= bit_length(n), so it cannot divide n; checking that first keeps
+    # 1 << f small (a plan file with factors: 10**18 must not build a huge integer)
+    if n < 2 or f >= n.bit_length() or n % (1 << f):
+        power = f"2^{f}" + (f" = {1 << f}" if f < 64 else "")
+        raise ValueError(f"butterfly size {n} must be a multiple of 2^factors = {power}")
 
 
 @dataclass(frozen=True, order=True)

@@ -96,6 +96,10 @@ class Policy:
                 v = getattr(rule, k)
                 if v is not None:
                     _check_range(f"rules[{i}] ({rule.match}).{k}", v)
+            if rule.rank is not None and rule.rank < 0:
+                raise PolicyError(
+                    f"policy: rules[{i}] ({rule.match}).rank must be >= 0, got {rule.rank}"
+                )
             if rule.match.startswith("re:"):
                 try:
                     re.compile(rule.match[3:])
@@ -233,8 +237,10 @@ class Policy:
     def load(cls, path: str | Path, base: Policy | None = None) -> Policy:
         try:
             text = Path(path).read_text()
-        except OSError:
+        except FileNotFoundError:
             raise PolicyError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise PolicyError(f"{path}: cannot read ({type(e).__name__})") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -249,7 +255,11 @@ class Policy:
             if "=" not in a:
                 raise PolicyError(f"--set {a!r}: expected KEY=VALUE")
             key, val = a.split("=", 1)
-            value = yaml.safe_load(val)
+            try:
+                value = yaml.safe_load(val)
+            except yaml.YAMLError as e:
+                problem = getattr(e, "problem", None) or "invalid YAML"
+                raise PolicyError(f"--set {a}: invalid value ({problem})") from None
             parts = key.strip().split(".")
             data: Any = value
             for p in reversed(parts):

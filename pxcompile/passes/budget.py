@@ -8,7 +8,8 @@ same pattern. Allocation:
    clamped to the type's floor and ceiling, rounded down to an achievable density (the
    mapping pass's menu); ``level`` is found by bisection so the total stays within budget;
 2. monotone repair: within a type, a bigger class never keeps a higher density than a
-   smaller one;
+   smaller one (options a smaller class could not take without breaking the rule are first
+   dropped from its menu; a class left with none stays dense and says why);
 3. greedy fill: the slack left by rounding is handed out one menu step at a time, to the
    least dense class first, never breaking the budget or the monotone rule.
 
@@ -108,6 +109,9 @@ def plan_schema(
             )
         cls.members.append(g)
 
+    for key, why in _monotone_menus(classes).items():
+        for g in classes.pop(key).members:
+            why_dense[g.name] = why
     note = _allocate(list(classes.values()), budget, policy)
     picks: dict[str, tuple[PatternSpec, str]] = {}
     for c in classes.values():
@@ -138,6 +142,29 @@ def plan_schema(
     if strict and note:
         raise BudgetNotAttainable(f"budget {budget:g} not attainable: {note}")
     return plan
+
+
+def _monotone_menus(classes: dict[tuple, _Class]) -> dict[tuple, str]:
+    """Make the monotone rule always satisfiable: drop from each free class the options
+    sparser than the sparsest option of a bigger free class of its type (shapes can make a
+    bigger layer's menu start above a smaller one's). A class left with no option stays
+    dense; returns those classes with the reason."""
+    emptied: dict[tuple, str] = {}
+    free = [(k, c) for k, c in classes.items() if c.pinned is None]
+    for key, c in sorted(free, key=lambda kc: -kc[1].size):
+        bigger = [
+            o.options[0].density
+            for k, o in free
+            if o.type_key == c.type_key and o.size > c.size and k not in emptied
+        ]
+        low = max(bigger, default=0.0)
+        c.options = [ch for ch in c.options if ch.density >= low - 1e-12]
+        if not c.options:
+            emptied[key] = (
+                f"no pattern keeps {low:.3f} or more (the sparsest a larger {c.type_key} "
+                "layer can have); kept dense so density stays monotone in size"
+            )
+    return emptied
 
 
 def _allocate(classes: list[_Class], budget: float, policy: Policy) -> str:

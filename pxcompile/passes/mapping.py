@@ -101,8 +101,8 @@ def menu(
 ) -> list[Choice]:
     """The GEMM's achievable choices within its floor and ceiling, by rising density.
 
-    Dominated choices (denser-or-equal and cheaper elsewhere on the menu) are dropped, and
-    of two nearly equal densities only the cheaper is kept.
+    Of choices whose densities are nearly equal (within ``NEAR_EQUAL``) only the cheapest is
+    kept, so consecutive entries differ by at least ``NEAR_EQUAL`` in density.
     """
     o, i = gemm.out_features, gemm.in_features
     choices: dict[float, Choice] = {}
@@ -119,18 +119,14 @@ def menu(
             old = choices.get(key)
             if old is None or (c.cost, c.spec) < (old.cost, old.spec):
                 choices[key] = c
-    # Pareto front: walking down in density, keep only what is cheaper than all denser ones.
-    front: list[Choice] = []
-    best = math.inf
-    for c in sorted(choices.values(), key=lambda c: (-c.density, c.cost, c.spec)):
-        if c.cost < best:
-            front.append(c)
-            best = c.cost
-    front.reverse()
-    # Nearly equal densities: keep the cheaper (the Pareto front makes that the lower one).
+    # Nearly equal densities: keep the cheaper. A sparser choice is never dropped just
+    # because a much denser one is cheaper: the budget is in FLOPs, and the allocator needs
+    # the sparse end of the menu to meet low budgets (and to keep density monotone in size).
     kept: list[Choice] = []
-    for c in front:
+    for c in sorted(choices.values(), key=lambda c: (c.density, c.cost, c.spec)):
         if kept and c.density - kept[-1].density < NEAR_EQUAL * c.density:
+            if (c.cost, c.spec) < (kept[-1].cost, kept[-1].spec):
+                kept[-1] = c
             continue
         kept.append(c)
     return kept

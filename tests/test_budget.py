@@ -1,0 +1,460 @@
+"""Tests for pxcompile.passes.budget: allocation of one budget over a schema's GEMMs.
+
+The property tests draw random schemas, budgets and blocks and check the promises of the
+budget pass: the budget is respected (and met within the tolerance when the plan says nothing
+to the contrary), every mask is exact at the hardware block and follows the flat butterfly
+formula, density is monotone in size within a type, the plan is deterministic, and nothing
+crashes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from pxcompile.errors import BudgetNotAttainable, PxError
+from pxcompile.passes.budget import check_args, plan_schema
+from pxcompile.patterns import PatternSpec
+from pxcompile.plan import TOLERANCE, Plan
+from pxcompile.policy import Policy
+from pxcompile.schema import Gemm, LayerType, ModelSchema
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ["mixer-b16", "gpt2-small", "vit-b16", "bert-base"]
+WEIGHT_TYPES = [t for t in LayerType if not t.is_activation]
+
+
+def load(name: str) -> ModelSchema:
+    return ModelSchema.load(ROOT / "schemas" / f"{name}.yaml")
+
+
+def keep_rule(i: np.ndarray, j: np.ndarray, f: int) -> np.ndarray:
+    """The flat butterfly formula: i == j or (i XOR j) in {1, 2, ..., 2^(f-1)}."""
+    x = i ^ j
+    keep = x == 0
+    for k in range(f):
+        keep |= x == (1 << k)
+    return keep
+
+
+def element_mask(spec: PatternSpec, out: int, inn: int) -> np.ndarray:
+    """The element-level mask straight from the formula (no code under test involved)."""
+    n = spec.butterfly
+    r = np.arange(out)[:, None] // (out // n)
+    c = np.arange(inn)[None, :] // (inn // n)
+    return keep_rule(r, c, spec.factors)
+
+
+def assert_layer_mask_exact(plan: Plan, name: str, element_limit: int = 1 << 20) -> None:
+    lp = plan[name]
+    g, spec, b = lp.gemm, lp.pattern, plan.block
+    out, inn = g.out_features, g.in_features
+    n, f = spec.butterfly, spec.factors
+    bm = lp.mask(b)
+    assert bm.dtype == bool and bm.shape == (out // b, inn // b)
+    # each cell of the n x n grid is a whole number of b x b blocks on both sides
+    assert (out // n) % b == 0 and (inn // n) % b == 0 and out % n == 0 and inn % n == 0
+    # block (R, C) lies in cell (R*b // (out/n), C*b // (in/n)): the formula at block level
+    rr = (np.arange(out // b) * b)[:, None] // (out // n)
+    cc = (np.arange(inn // b) * b)[None, :] // (inn // n)
+    np.testing.assert_array_equal(bm, keep_rule(rr, cc, f))
+    if out * inn <= element_limit:
+        elem = element_mask(spec, out, inn)
+        # the block mask, blown up to elements, is the formula's element mask
+        np.testing.assert_array_equal(np.kron(bm, np.ones((b, b), dtype=bool)), elem)
+        # every b x b block of the element-level mask is all kept or all dropped
+        tiles = elem.reshape(out // b, b, inn // b, b)
+        assert (tiles.all(axis=(1, 3)) | ~tiles.any(axis=(1, 3))).all()
+    # cell pattern: symmetric, f + 1 cells per row and column
+    cells = keep_rule(np.arange(n)[:, None], np.arange(n)[None, :], f)
+    assert (cells == cells.T).all()
+    assert (cells.sum(0) == f + 1).all() and (cells.sum(1) == f + 1).all()
+    # the reported densities are those of the mask actually built
+    assert float(bm.sum()) / bm.size == lp.block_density == (f + 1) / n
+    lowrank = spec.rank * (inn + out) / (inn * out)
+    assert lp.density == pytest.approx(lp.block_density + lowrank, rel=1e-15)
+
+
+# -- random schemas ---------------------------------------------------------------------------
+@dataclass
+class Case:
+    schema: ModelSchema
+    budget: float
+    block: int
+
+
+@st.composite
+def schemas(draw, max_gemms: int = 10) -> ModelSchema:
+    k = draw(st.integers(1, max_gemms))
+    gemms = []
+    for idx in range(k):
+        t = draw(st.sampled_from(list(LayerType)))
+        unit = draw(st.sampled_from([8, 16, 32, 64, 96, 100, 128]))
+        i = unit * draw(st.integers(1, 24))
+        o = unit * draw(st.integers(1, 24))
+        shared = draw(st.sampled_from([None] * 6 + ["wte"]))
+        rows = draw(st.integers(1, 4096))
+        calls = draw(st.integers(1, 3))
+        gemms.append(Gemm(f"g{idx}.{t.value}", t, i, o, rows=rows, calls=calls, shared_with=shared))
+        # repeat some GEMMs (same type and shape, like the layers of a transformer)
+        if draw(st.booleans()):
+            gemms.append(Gemm(f"g{idx}.{t.value}.again", t, i, o, rows=rows, calls=calls))
+    return ModelSchema("random", gemms)
+
+
+budgets = st.one_of(
+    st.floats(0.01, 1.0, allow_nan=False, exclude_min=False),
+    st.sampled_from([0.05, 0.1, 0.2, 0.3, 0.5, 1.0]),
+)
+blocks = st.sampled_from([8, 16, 32, 64])
+
+
+@st.composite
+def cases(draw) -> Case:
+    return Case(draw(schemas()), draw(budgets), draw(blocks))
+
+
+def plan_or_skip(case: Case, policy: Policy | None = None) -> Plan:
+    fits = max(min(g.in_features, g.out_features) for g in case.schema.weight_gemms or case.schema)
+    if case.block > fits:
+        with pytest.raises(PxError, match="larger than every layer"):
+            plan_schema(case.schema, case.budget, case.block, policy)
+        assume(False)
+    return plan_schema(case.schema, case.budget, case.block, policy)
+
+
+PROPS = settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPS
+@given(cases())
+def test_budget_respected_and_met(case):
+    plan = plan_or_skip(case)
+    s = plan.summary
+    if not plan.sparse_layers:
+        # nothing to spend the budget on: the plan must say so
+        assert s.eligible_flops == 0 and plan.note == "no GEMM is eligible for sparsity"
+        return
+    achieved = s.eligible_fraction
+    if "sparsest" not in plan.note:
+        assert achieved <= case.budget + 1e-9, plan.note
+    else:
+        assert achieved > case.budget  # the note is only there when it is true
+    if plan.note == "":
+        assert achieved >= case.budget - TOLERANCE
+        assert s.attainable
+    else:
+        assert not s.attainable
+
+
+@PROPS
+@given(cases())
+def test_masks_exact_and_follow_the_formula(case):
+    plan = plan_or_skip(case)
+    seen = set()
+    for lp in plan.sparse_layers:
+        key = (lp.gemm.out_features, lp.gemm.in_features, lp.pattern)
+        if key in seen:
+            continue
+        seen.add(key)
+        assert_layer_mask_exact(plan, lp.name)
+        assert lp.pattern.pattern_block % plan.block == 0
+
+
+@PROPS
+@given(cases())
+def test_density_monotone_in_size_within_a_type(case):
+    plan = plan_or_skip(case)
+    by_type: dict[LayerType, list] = {}
+    for lp in plan.sparse_layers:
+        by_type.setdefault(lp.gemm.type, []).append(lp)
+    for lps in by_type.values():
+        for a in lps:
+            for b in lps:
+                size_a = a.gemm.in_features * a.gemm.out_features
+                size_b = b.gemm.in_features * b.gemm.out_features
+                if size_a > size_b:
+                    assert a.density <= b.density + 1e-12, (
+                        f"{a.name} ({a.gemm.out_features}x{a.gemm.in_features}) keeps "
+                        f"{a.density:.4f} > {b.name} ({b.gemm.out_features}x"
+                        f"{b.gemm.in_features}) {b.density:.4f}"
+                    )
+
+
+@PROPS
+@given(cases())
+def test_dense_layers_say_why_and_classes_share_a_pattern(case):
+    plan = plan_or_skip(case)
+    pol = Policy()
+    by_shape: dict[tuple, PatternSpec] = {}
+    for lp in plan.layers:
+        g = lp.gemm
+        assert lp.reason
+        if lp.pattern is None:
+            res = pol.resolve(g, case.block)
+            if res.dense_reason:
+                assert lp.reason == res.dense_reason
+            else:
+                assert lp.reason.startswith("no butterfly pattern fits") or lp.reason.endswith(
+                    "kept dense so density stays monotone in size"
+                )
+            if g.shared_with:
+                assert "shared" in lp.reason or "stays dense" in lp.reason
+        else:
+            assert pol.resolve(g, case.block).dense_reason is None
+            assert g.in_features % case.block == 0 and g.out_features % case.block == 0
+            assert min(g.in_features, g.out_features) >= 4 * case.block
+            assert not g.shared_with and g.has_weight
+            key = (g.type, g.in_features, g.out_features)
+            assert by_shape.setdefault(key, lp.pattern) == lp.pattern
+
+
+@settings(max_examples=25, deadline=None)
+@given(cases())
+def test_plan_is_deterministic_and_round_trips(case):
+    plan = plan_or_skip(case)
+    text = plan.to_yaml()
+    assert plan_schema(case.schema, case.budget, case.block).to_yaml() == text
+    loaded = Plan.from_dict(yaml.safe_load(text)).check_against(case.schema)
+    assert loaded.to_yaml() == text
+    for name, m in plan.masks().items():
+        np.testing.assert_array_equal(loaded.masks()[name], m)
+
+
+@st.composite
+def policies(draw) -> Policy:
+    data: dict = {}
+    if draw(st.booleans()):
+        data["size_exponent"] = draw(st.sampled_from([0.0, 0.25, 1.0, 4.0]))
+    if draw(st.booleans()):
+        data["rank"] = draw(st.sampled_from(["auto", 0, 8, 32]))
+    if draw(st.booleans()):
+        data["max_pattern_block"] = draw(st.sampled_from([1, 2, 8]))
+    if draw(st.booleans()):
+        data["min_blocks"] = draw(st.integers(1, 8))
+    if draw(st.booleans()):
+        lo = draw(st.sampled_from([0.05, 0.1, 0.3]))
+        data["types"] = {"mlp": {"floor": lo, "ceiling": draw(st.sampled_from([0.3, 0.5, 1.0]))}}
+    if draw(st.booleans()):
+        data["rules"] = [
+            {"match": "re:g[0-3]\\..*", "density": draw(st.sampled_from([0.1, 0.3, 0.6]))},
+            {"match": "*head*", "dense": False},
+        ]
+    return Policy.from_dict(data)
+
+
+@PROPS
+@given(cases(), policies())
+def test_any_policy_respects_budget_and_never_crashes(case, policy):
+    plan = plan_or_skip(case, policy)
+    achieved = plan.summary.eligible_fraction
+    if plan.sparse_layers and "sparsest" not in plan.note:
+        assert achieved <= case.budget + 1e-9
+    if plan.note == "":
+        assert achieved >= case.budget - TOLERANCE
+    for lp in plan.sparse_layers:
+        res = policy.resolve(lp.gemm, case.block)
+        assert lp.density <= 1
+        if res.pinned is None:
+            assert res.floor - 1e-12 <= lp.density <= res.ceiling + 1e-12
+    with pytest.raises(BudgetNotAttainable) if plan.note else _no_raise():
+        plan_schema(case.schema, case.budget, case.block, policy, strict=True)
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# -- the shipped schemas --------------------------------------------------------------------
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_schemas_at_0_3(name):
+    plan = plan_schema(load(name), 0.3, 32)
+    assert plan.note == ""
+    assert 0.28 <= plan.summary.eligible_fraction <= 0.30
+    assert plan.sparse_layers
+    for lp in {(lp.gemm.shape, lp.pattern): lp for lp in plan.sparse_layers}.values():
+        assert_layer_mask_exact(plan, lp.name)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_schemas_at_0_1(name):
+    plan = plan_schema(load(name), 0.1, 32)
+    a = plan.summary.eligible_fraction
+    assert 0.08 <= a <= 0.10 or (plan.note and f"{a:.3f}" in plan.note)
+
+
+def test_shipped_schema_reasons():
+    mixer = plan_schema(load("mixer-b16"), 0.3, 32)
+    assert mixer["blocks.0.mlp_tokens.fc1"].reason == "'in'=196 is not a multiple of block 32"
+    assert mixer["stem.proj"].reason == "type embedding stays dense (policy)"
+    gpt2 = plan_schema(load("gpt2-small"), 0.3, 32)
+    assert gpt2["lm_head"].pattern is None
+    # the shared LM head is dense however the policy is set
+    pol = Policy.from_dict({"rules": [{"match": "lm_head", "dense": False}]})
+    lp = plan_schema(load("gpt2-small"), 0.3, 32, pol)["lm_head"]
+    assert lp.pattern is None and lp.reason == "weight shared with transformer.wte"
+
+
+# -- small hand-made cases ------------------------------------------------------------------
+def mlp(name: str, i: int, o: int, rows: int = 256, t: LayerType = LayerType.MLP) -> Gemm:
+    return Gemm(name, t, i, o, rows=rows)
+
+
+@pytest.mark.parametrize("budget", [0, -0.1, 1.5, float("nan"), float("inf"), "0.3", True])
+def test_check_args_budget(budget):
+    with pytest.raises(PxError, match="--budget"):
+        check_args(budget, 32)
+
+
+@pytest.mark.parametrize("block", [0, -32, 3, 48, 32.0, True])
+def test_check_args_block(block):
+    with pytest.raises(PxError, match="--block"):
+        check_args(0.3, block)
+
+
+def test_block_larger_than_every_layer():
+    s = ModelSchema("m", [mlp("a", 256, 1024), mlp("b", 1024, 256)])
+    with pytest.raises(PxError, match="larger than every layer") as ei:
+        plan_schema(s, 0.3, 512)
+    assert "\n" not in str(ei.value)
+    plan_schema(s, 0.3, 256)  # 256 fits (as one block; the layer stays dense)
+
+
+def test_dense_reasons():
+    s = ModelSchema(
+        "m",
+        [
+            mlp("big", 1024, 4096),
+            mlp("small", 96, 1024),  # 3 blocks of 32
+            mlp("odd", 1000, 1024),
+            mlp("five", 160, 160),  # 5 blocks: no butterfly fits
+            Gemm("tied", LayerType.MLP, 1024, 4096, rows=64, shared_with="emb"),
+            mlp("head", 1024, 1024, t=LayerType.HEAD),
+        ],
+    )
+    plan = plan_schema(s, 0.3, 32)
+    assert plan["big"].sparse
+    assert plan["small"].reason == "under 4 blocks of 32 on a side"
+    assert plan["odd"].reason == "'in'=1000 is not a multiple of block 32"
+    assert plan["five"].reason.startswith("no butterfly pattern fits 160x160 at block 32")
+    assert plan["tied"].reason == "weight shared with emb"
+    assert plan["head"].reason == "type head stays dense (policy)"
+    assert [lp.name for lp in plan.sparse_layers] == ["big"]
+
+
+def test_pinned_density():
+    s = ModelSchema("m", [mlp(f"l{k}.fc", 768, 3072) for k in range(4)])
+    pol = Policy.from_dict({"rules": [{"match": "l0.fc", "density": 0.25}]})
+    plan = plan_schema(s, 0.3, 32, pol)
+    assert plan["l0.fc"].density == 0.25
+    assert plan["l0.fc"].reason == "pinned at 0.25 by policy"
+    assert plan.summary.eligible_fraction <= 0.3 + 1e-9
+    # a pin between menu steps rounds down to an achievable density
+    pol = Policy.from_dict({"rules": [{"match": "l0.fc", "density": 0.26}]})
+    assert plan_schema(s, 0.3, 32, pol)["l0.fc"].density <= 0.26
+
+
+def test_pins_above_budget_are_not_attainable():
+    s = ModelSchema("m", [mlp("a", 768, 3072), mlp("b", 768, 3072)])
+    pol = Policy.from_dict({"rules": [{"match": "*", "density": 0.8}]})
+    plan = plan_schema(s, 0.3, 32, pol)
+    assert "sparsest allowed patterns keep" in plan.note
+    with pytest.raises(BudgetNotAttainable, match="not attainable"):
+        plan_schema(s, 0.3, 32, pol, strict=True)
+
+
+def test_floor_above_budget_is_reported_with_the_figure():
+    s = ModelSchema("m", [mlp("a", 768, 3072)])
+    pol = Policy.from_dict({"types": {"mlp": {"floor": 0.5}}})
+    plan = plan_schema(s, 0.1, 32, pol)
+    a = plan.summary.eligible_fraction
+    assert a > 0.1
+    assert plan.note.startswith(f"the sparsest allowed patterns keep {a:.3f}")
+    assert "above the budget 0.1" in plan.note
+
+
+def test_ceiling_below_budget_is_reported():
+    s = ModelSchema("m", [mlp("a", 768, 3072)])
+    pol = Policy.from_dict({"types": {"mlp": {"ceiling": 0.2}}})
+    plan = plan_schema(s, 0.6, 32, pol)
+    a = plan.summary.eligible_fraction
+    assert a <= 0.2 + 1e-12
+    assert plan.note.startswith(f"reached {a:.3f}")
+
+
+def test_nothing_eligible():
+    s = ModelSchema("m", [mlp("h", 768, 768, t=LayerType.HEAD)])
+    plan = plan_schema(s, 0.3, 32)
+    assert plan.note == "no GEMM is eligible for sparsity"
+    assert not plan.sparse_layers
+    with pytest.raises(BudgetNotAttainable):
+        plan_schema(s, 0.3, 32, strict=True)
+
+
+def test_budget_one_is_capped_by_the_default_ceiling():
+    s = ModelSchema("m", [mlp("a", 768, 3072)])
+    plan = plan_schema(s, 1.0, 32)
+    d = plan["a"].density
+    assert 0.8 <= d <= 0.9 + 1e-12  # the densest pattern under the default ceiling 0.9
+    assert plan.note.startswith(f"reached {d:.3f}")
+    no_ceiling = Policy.from_dict({"types": {"mlp": {"ceiling": 1.0}}})
+    assert plan_schema(s, 1.0, 32, no_ceiling).summary.eligible_fraction >= d
+
+
+def test_bigger_layers_get_lower_density():
+    s = ModelSchema("m", [mlp("small", 512, 512), mlp("big", 2048, 8192)])
+    plan = plan_schema(s, 0.3, 32)
+    assert plan["big"].density <= plan["small"].density
+
+
+def test_monotone_when_a_bigger_layer_cannot_go_as_sparse():
+    """At block 8, 160x32 is 20x4 blocks: its sparsest pattern keeps 1/2. The smaller 64x64
+    (8x8 blocks) could keep 1/4, but then the bigger layer would be denser than it."""
+    s = ModelSchema("m", [mlp("big", 32, 160), mlp("small", 64, 64)])
+    plan = plan_schema(s, 0.6, 8)
+    assert plan["big"].density == 0.5
+    assert plan["small"].density >= 0.5
+    assert plan.summary.eligible_fraction <= 0.6 + 1e-9
+
+
+def test_monotone_keeps_a_small_layer_dense_when_it_cannot_match():
+    """At block 8, 48x48 (6x6 blocks) has only n=6: 1/3; 160x32 can't go below 1/2. The
+    smaller layer can't be at least as dense as the bigger one, so it stays dense."""
+    s = ModelSchema("m", [mlp("big", 32, 160), mlp("small", 48, 48)])
+    plan = plan_schema(s, 0.6, 8)
+    assert plan["big"].density == 0.5
+    assert plan["small"].pattern is None
+    assert plan["small"].reason == (
+        "no pattern keeps 0.500 or more (the sparsest a larger mlp layer can have); "
+        "kept dense so density stays monotone in size"
+    )
+    # another type is not constrained
+    s2 = ModelSchema("m", [mlp("big", 32, 160), mlp("small", 48, 48, t=LayerType.OTHER)])
+    assert plan_schema(s2, 0.6, 8)["small"].sparse
+
+
+def test_swappable_cost_model():
+    @dataclass(frozen=True)
+    class FlopsOnly:
+        name: str = "flops"
+
+        def dense_cost(self, gemm):
+            return float(gemm.flops)
+
+        def sparse_cost(self, gemm, spec):
+            return gemm.flops * spec.density(gemm.in_features, gemm.out_features)
+
+    s = load("gpt2-small")
+    plan = plan_schema(s, 0.3, 32, cost_model=FlopsOnly())
+    assert plan.cost_model == "flops"
+    assert plan.summary.eligible_fraction <= 0.3 + 1e-9

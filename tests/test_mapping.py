@@ -1,0 +1,198 @@
+"""Tests for pxcompile.passes.mapping: pattern enumeration, the cost model and the menu."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pxcompile.passes.mapping import (
+    NEAR_EQUAL,
+    Choice,
+    FlopsBlockCost,
+    choose,
+    menu,
+    patterns,
+)
+from pxcompile.patterns import PatternSpec
+from pxcompile.policy import Policy
+from pxcompile.schema import Gemm, LayerType
+
+COST = FlopsBlockCost()
+
+
+def mlp(i: int, o: int, rows: int = 1024) -> Gemm:
+    return Gemm(f"fc_{i}x{o}", LayerType.MLP, i, o, rows=rows)
+
+
+def menu_of(g: Gemm, block: int = 32, policy: Policy | None = None) -> list[Choice]:
+    policy = policy or Policy()
+    return menu(g, block, policy, policy.resolve(g, block), COST)
+
+
+def all_candidates(g: Gemm, block: int, policy: Policy) -> list[Choice]:
+    """Every pattern x rank the menu may pick from, priced, within floor and ceiling."""
+    from pxcompile.passes.mapping import _ranks
+
+    res = policy.resolve(g, block)
+    out = []
+    for base in patterns(g, block, policy.max_pattern_block):
+        for r in _ranks(g, base, policy, res):
+            spec = PatternSpec(base.butterfly, base.factors, base.pattern_block, r)
+            if spec.misfit(g.out_features, g.in_features, block):
+                continue
+            d = spec.density(g.in_features, g.out_features)
+            if d < 1 and res.floor - 1e-12 <= d <= res.ceiling + 1e-12:
+                out.append(Choice(spec, d, COST.sparse_cost(g, spec)))
+    return out
+
+
+def test_patterns_of_768x3072():
+    g = mlp(768, 3072)
+    specs = patterns(g, 32, 4)
+    got = {(s.butterfly, s.factors, s.pattern_block) for s in specs}
+    # 24 blocks of 32 (n | 24), 12 of 64 (n | 12), 6 of 128 (n | 6)
+    assert (24, 3, 32) in got and (12, 2, 64) in got and (6, 1, 128) in got
+    assert (16, 2, 32) not in got  # 24 blocks is not a multiple of 16
+    for s in specs:
+        assert s.rank == 0
+        assert s.misfit(g.out_features, g.in_features, 32) is None
+        assert s.block_density < 1
+        assert s.pattern_block in (32, 64, 128)
+    assert {s.pattern_block for s in patterns(g, 32, 1)} == {32}
+    assert {s.pattern_block for s in patterns(g, 32, 2)} == {32, 64}
+
+
+def test_patterns_none_when_nothing_divides():
+    assert patterns(mlp(160, 160), 32, 4) == []  # 5 blocks: no 2^f divides 5
+    assert menu_of(mlp(160, 160)) == []
+
+
+def test_cost_model():
+    g = mlp(768, 3072, rows=100)
+    assert COST.dense_cost(g) == g.flops
+    s = PatternSpec(12, 2, 64, rank=16)
+    kept = s.kept_blocks(3072, 768)
+    assert COST.sparse_cost(g, s) == pytest.approx(
+        100 * (2 * (kept * 64 * 64 + 16 * (768 + 3072)) + 512 * kept)
+    )
+    # same density, fewer larger blocks: cheaper
+    small = PatternSpec(24, 3, 32)
+    big = PatternSpec(12, 1, 64)
+    assert small.block_density == big.block_density
+    assert COST.sparse_cost(g, big) < COST.sparse_cost(g, small)
+
+
+def test_equal_densities_prefer_fewer_larger_blocks():
+    """768x3072 at block 32: density 1/6 is (24,3,32), (12,1,32) or (12,1,64); 1/3 is
+    also (6,1,128). The menu keeps the largest blocks."""
+    m = {round(c.density, 9): c for c in menu_of(mlp(768, 3072), policy=Policy(rank=0))}
+    assert m[round(1 / 6, 9)].spec == PatternSpec(12, 1, 64)
+    assert m[round(1 / 3, 9)].spec == PatternSpec(6, 1, 128)
+    assert m[0.25].spec == PatternSpec(12, 2, 64)
+
+
+def test_near_equal_densities_prefer_fewer_larger_blocks():
+    """1536x1536, ranks in steps of 1: (16,2,32) keeps 3/16 = 0.1875 with 9 blocks of 32 per
+    row; (12,1,128) + rank 15 keeps 0.1862 (within 2%) with 2 blocks of 128 per row. The
+    menu must offer the latter and not the former."""
+    g = mlp(1536, 1536)
+    pol = Policy(rank_multiple=1)
+    fine = PatternSpec(16, 2, 32)
+    coarse = PatternSpec(12, 1, 128, rank=15)
+    d_fine, d_coarse = fine.density(1536, 1536), coarse.density(1536, 1536)
+    assert d_coarse < d_fine and d_fine - d_coarse < NEAR_EQUAL * d_fine
+    assert COST.sparse_cost(g, coarse) < COST.sparse_cost(g, fine)
+    m = menu_of(g, policy=pol)
+    specs = [c.spec for c in m]
+    assert fine not in specs
+    assert coarse in specs
+    near = [c for c in m if abs(c.density - d_fine) < NEAR_EQUAL * d_fine]
+    assert near and all(c.spec.pattern_block == 128 for c in near)
+    assert all(c.spec.kept_per_row(1536, 1536) < fine.kept_per_row(1536, 1536) for c in near)
+
+
+def test_fixed_rank_and_rank_cap():
+    g = mlp(768, 3072)
+    m = menu_of(g, policy=Policy(rank=32))
+    assert m and all(c.spec.rank == 32 for c in m)
+    # rank capped at min(in, out) / 2
+    g2 = mlp(256, 2048)
+    m2 = menu_of(g2, policy=Policy(rank=1000))
+    assert m2 and all(c.spec.rank == 128 for c in m2)
+
+
+def test_auto_rank_respects_lowrank_share():
+    g = mlp(768, 3072)
+    for share in (0.0, 0.15, 0.5):
+        pol = Policy(lowrank_share=share)
+        for c in menu_of(g, policy=pol):
+            lr = c.spec.lowrank_density(768, 3072)
+            assert lr <= share * c.density + 1e-12
+            assert c.spec.rank % pol.rank_multiple == 0
+        if share == 0.0:
+            assert all(c.spec.rank == 0 for c in menu_of(g, policy=pol))
+
+
+def test_floor_and_ceiling_bound_the_menu():
+    g = mlp(768, 3072)
+    pol = Policy.from_dict({"types": {"mlp": {"floor": 0.2, "ceiling": 0.4}}})
+    m = menu_of(g, policy=pol)
+    assert m and all(0.2 - 1e-12 <= c.density <= 0.4 + 1e-12 for c in m)
+
+
+@st.composite
+def gemm_case(draw):
+    block = draw(st.sampled_from([8, 16, 32, 64]))
+    i = block * draw(st.integers(4, 96))
+    o = block * draw(st.integers(4, 96))
+    pol = Policy(
+        rank=draw(st.sampled_from([None, None, 0, 8])),
+        rank_multiple=draw(st.sampled_from([1, 8])),
+        max_pattern_block=draw(st.sampled_from([1, 2, 4])),
+    )
+    return mlp(i, o, rows=draw(st.integers(1, 4096))), block, pol
+
+
+@settings(max_examples=60, deadline=None)
+@given(gemm_case())
+def test_menu_invariants(case):
+    g, block, pol = case
+    m = menu_of(g, block, pol)
+    cands = all_candidates(g, block, pol)
+    assert bool(m) == bool(cands)
+    for a, b in zip(m, m[1:]):
+        assert a.density < b.density  # rising density
+        assert b.density - a.density >= NEAR_EQUAL * b.density  # no near-equal pair
+    for c in m:
+        assert c.density < 1
+        assert c.spec.misfit(g.out_features, g.in_features, block) is None
+        assert c.density == c.spec.density(g.in_features, g.out_features)
+        assert c.cost == COST.sparse_cost(g, c.spec)
+    for x in cands:
+        # every candidate left off has a menu entry of nearly the same density that is no
+        # dearer (near-equal groups chain, hence the factor 2)
+        near = [c for c in m if abs(c.density - x.density) < 2 * NEAR_EQUAL * x.density + 1e-12]
+        assert near and min(c.cost for c in near) <= x.cost
+    if cands:
+        # the sparse end of the menu is kept: a budget never loses more than NEAR_EQUAL of
+        # its reach to the cost model
+        lo = min(x.density for x in cands)
+        assert m[0].density < lo * (1 + NEAR_EQUAL) + 1e-12
+
+
+def test_sparser_but_dearer_choices_stay_on_the_menu():
+    """64x64 at block 8: (8,1,8) keeps 1/4 in 16 small blocks and costs more than (4,1,16),
+    which keeps 1/2 in 8 bigger ones. The menu must still offer 1/4: the budget is in FLOPs."""
+    g = mlp(64, 64, rows=1)
+    assert COST.sparse_cost(g, PatternSpec(8, 1, 8)) > COST.sparse_cost(g, PatternSpec(4, 1, 16))
+    m = menu_of(g, block=8)
+    assert m[0].spec == PatternSpec(8, 1, 8) and m[0].density == 0.25
+
+
+def test_choose():
+    opts = [Choice(PatternSpec(8, 1, 32), d, d) for d in (0.1, 0.2, 0.3)]
+    assert choose(opts, 0.25).density == 0.2
+    assert choose(opts, 0.2).density == 0.2
+    assert choose(opts, 1.0).density == 0.3
+    assert choose(opts, 0.05).density == 0.1  # sparsest if nothing is at or below

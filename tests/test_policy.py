@@ -1,0 +1,278 @@
+"""Tests for pxcompile.policy: defaults, name rules, overrides and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from pxcompile.errors import PolicyError, PxError
+from pxcompile.policy import NameRule, Policy, TypeRule
+from pxcompile.schema import Gemm, LayerType
+
+MLP = Gemm("blocks.0.mlp.fc1", LayerType.MLP, 768, 3072, rows=64)
+QKV = Gemm("blocks.0.attn.qkv", LayerType.ATTN_PROJ, 768, 2304, rows=64)
+HEAD = Gemm("head", LayerType.HEAD, 768, 1000, rows=8)
+
+
+def one_line_policy_error(fn, *args, match: str | None = None) -> str:
+    with pytest.raises(PolicyError) as ei:
+        fn(*args)
+    msg = str(ei.value)
+    assert msg and "\n" not in msg
+    assert isinstance(ei.value, PxError) and ei.value.exit_code == 2
+    if match is not None:
+        assert match in msg, msg
+    return msg
+
+
+# -- defaults ---------------------------------------------------------------------------------
+def test_default_types():
+    p = Policy()
+    eligible = {t for t, r in p.types.items() if r.eligible}
+    assert eligible == {LayerType.MLP, LayerType.ATTN_PROJ, LayerType.TOKEN_MIX, LayerType.OTHER}
+    assert set(p.types) == set(LayerType)
+    assert p.min_blocks == 4 and p.rank is None
+
+
+def test_defaults_round_trip_through_plain_data():
+    p = Policy()
+    assert Policy.from_dict(p.to_dict()) == p
+    q = Policy.from_dict(
+        {"rules": [{"match": "re:.*attn.*", "dense": True}], "rank": 16, "size_exponent": 0.5}
+    )
+    assert Policy.from_dict(q.to_dict()) == q
+    assert q.to_dict()["rules"] == [{"match": "re:.*attn.*", "dense": True}]
+
+
+def test_from_dict_none_is_base():
+    base = Policy(min_blocks=2)
+    assert Policy.from_dict(None, base=base) is base
+
+
+# -- resolution -------------------------------------------------------------------------------
+def test_resolve_eligible_and_type_dense():
+    p = Policy()
+    r = p.resolve(MLP, 32)
+    assert r.dense_reason is None and (r.floor, r.ceiling) == (0.05, 0.9)
+    assert r.pinned is None and r.rank is None
+    assert p.resolve(HEAD, 32).dense_reason == "type head stays dense (policy)"
+    emb = Gemm("wte", LayerType.EMBEDDING, 768, 768, rows=8)
+    assert "embedding" in p.resolve(emb, 32).dense_reason
+
+
+@pytest.mark.parametrize(
+    "match,hit",
+    [
+        ("blocks.0.attn.qkv", True),  # exact
+        ("blocks.0.attn", False),  # exact means the whole name
+        ("*attn*", True),  # glob
+        ("blocks.?.attn.*", True),
+        ("*mlp*", False),
+        ("re:.*attn.*", True),  # regex, full match
+        ("re:attn", False),  # not a search: the whole name must match
+        ("re:blocks\\.[0-9]+\\.attn\\.qkv", True),
+    ],
+)
+def test_name_rule_matching(match, hit):
+    assert NameRule(match).matches(QKV.name) is hit
+    r = Policy().with_dense([match]).resolve(QKV, 32)
+    if hit:
+        assert r.dense_reason == f"kept dense by rule {match!r}"
+    else:
+        assert r.dense_reason is None
+
+
+def test_rule_can_make_a_dense_type_eligible_and_last_rule_wins():
+    p = Policy.from_dict({"rules": [{"match": "head", "dense": False}]})
+    head = Gemm("head", LayerType.HEAD, 768, 1024, rows=8)
+    assert p.resolve(head, 32).dense_reason is None
+    p2 = Policy.from_dict(
+        {
+            "rules": [
+                {"match": "*mlp*", "dense": True, "floor": 0.1, "rank": 8},
+                {"match": "re:.*fc1", "dense": False, "ceiling": 0.5, "density": 0.25},
+            ]
+        }
+    )
+    r = p2.resolve(MLP, 32)
+    assert r.dense_reason is None
+    assert (r.floor, r.ceiling, r.pinned, r.rank) == (0.1, 0.5, 0.25, 8)
+    fc2 = Gemm("blocks.0.mlp.fc2", LayerType.MLP, 3072, 768, rows=64)
+    assert p2.resolve(fc2, 32).dense_reason == "kept dense by rule '*mlp*'"
+
+
+def test_type_settings_and_pins():
+    p = Policy.from_dict(
+        {
+            "types": {"attn_proj": {"eligible": False}, "mlp": {"floor": 0.2, "ceiling": 0.6}},
+            "rules": [{"match": "*fc1", "density": 0.3}],
+        }
+    )
+    assert p.resolve(QKV, 32).dense_reason == "type attn_proj stays dense (policy)"
+    r = p.resolve(MLP, 32)
+    assert (r.floor, r.ceiling, r.pinned) == (0.2, 0.6, 0.3)
+
+
+def test_shared_weight_stays_dense_with_reason_even_if_a_rule_asks():
+    g = Gemm("lm_head", LayerType.MLP, 768, 1024, rows=8, shared_with="wte")
+    assert Policy().resolve(g, 32).dense_reason == "weight shared with wte"
+    p = Policy.from_dict({"rules": [{"match": "lm_head", "dense": False}]})
+    assert p.resolve(g, 32).dense_reason == "weight shared with wte"
+
+
+def test_activation_gemm_stays_dense_even_if_a_rule_asks():
+    g = Gemm("attn.scores", LayerType.ATTN_SCORES, 64, 1024, rows=1024, heads=12, seq=1024)
+    p = Policy.from_dict({"rules": [{"match": "attn.scores", "dense": False}]})
+    assert "activation GEMM" in p.resolve(g, 32).dense_reason
+
+
+def test_small_and_misaligned_layers_stay_dense_with_reason():
+    p = Policy()
+    small = Gemm("tiny", LayerType.MLP, 96, 1024, rows=8)  # 3 blocks of 32 on a side
+    assert p.resolve(small, 32).dense_reason == "under 4 blocks of 32 on a side"
+    assert p.resolve(small, 16).dense_reason is None  # 6 blocks of 16
+    ok = Gemm("four", LayerType.MLP, 128, 128, rows=8)
+    assert p.resolve(ok, 32).dense_reason is None
+    assert Policy(min_blocks=8).resolve(ok, 32).dense_reason == "under 8 blocks of 32 on a side"
+    odd_in = Gemm("tok", LayerType.TOKEN_MIX, 196, 384, rows=8)
+    assert p.resolve(odd_in, 32).dense_reason == "'in'=196 is not a multiple of block 32"
+    odd_out = Gemm("tok2", LayerType.TOKEN_MIX, 384, 200, rows=8)
+    assert p.resolve(odd_out, 32).dense_reason == "'out'=200 is not a multiple of block 32"
+
+
+def test_ceiling_never_below_floor_after_rules():
+    p = Policy.from_dict({"rules": [{"match": "*", "floor": 0.7}]})
+    r = p.resolve(MLP, 32)
+    assert r.floor == 0.7 and r.ceiling == 0.9
+    p = Policy.from_dict({"rules": [{"match": "*", "floor": 0.7, "ceiling": 0.5}]})
+    r = p.resolve(MLP, 32)
+    assert r.ceiling >= r.floor
+
+
+# -- overrides ----------------------------------------------------------------------------
+def test_with_overrides():
+    p = Policy().with_overrides(
+        [
+            "types.attn_proj.eligible=false",
+            "size_exponent=0.5",
+            "rank=32",
+            "min_blocks=2",
+            "types.mlp.ceiling=0.5",
+            "rules=[{match: 're:.*fc2', density: 0.2}]",
+        ]
+    )
+    assert p.types[LayerType.ATTN_PROJ].eligible is False
+    assert p.types[LayerType.MLP] == TypeRule(True, 0.05, 0.5)
+    assert (p.size_exponent, p.rank, p.min_blocks) == (0.5, 32, 2)
+    assert p.rules == (NameRule("re:.*fc2", density=0.2),)
+    assert p.with_overrides(["rank=auto"]).rank is None
+
+
+def test_with_dense_appends_rules():
+    p = Policy().with_dense(["re:.*attn.*", "head"])
+    assert p.rules == (NameRule("re:.*attn.*", dense=True), NameRule("head", dense=True))
+
+
+@pytest.mark.parametrize(
+    "assignment,match",
+    [
+        ("size_exponent", "expected KEY=VALUE"),
+        ("nonsense=1", "unknown key 'nonsense'"),
+        ("types.mlp.floor=2", "must be in (0, 1]"),
+        ("types.mlp.floor=0.95", "floor 0.95 > ceiling 0.9"),
+        ("types.bogus.eligible=true", "unknown layer type 'bogus'"),
+        ("types.mlp.eligible=maybe", "expected true or false"),
+        ("types.mlp.color=red", "expected keys eligible, floor, ceiling"),
+        ("types.mlp=3", "expected keys eligible, floor, ceiling"),
+        ("types=3", "'types' must be a mapping"),
+        ("rank=-1", "'rank' must be >= 0"),
+        ("rank=1.5", "expected an integer"),
+        ("rank=true", "expected an integer"),
+        ("min_blocks=0", "'min_blocks' must be >= 1"),
+        ("max_pattern_block=3", "must be a power of two"),
+        ("size_exponent=9", "'size_exponent' must be in [0, 4]"),
+        ("size_exponent=abc", "expected a number"),
+        ("lowrank_share=1", "'lowrank_share' must be in [0, 1)"),
+        ("rank_multiple=0", "'rank_multiple' must be >= 1"),
+        ("rules=3", "'rules' must be a list"),
+        ("rules=[{dense: true}]", "expected a mapping with 'match'"),
+        ("rules=[{match: ''}]", "'match' must be a non-empty string"),
+        ("rules=[{match: a, colour: red}]", "unknown key 'colour'"),
+        ("rules=[{match: 're:(('}]", "bad regular expression"),
+        ("rules=[{match: a, density: 0}]", "must be in (0, 1]"),
+        ("rules=[{match: a, density: 1.5}]", "must be in (0, 1]"),
+        ("rules=[{match: a, rank: -8}]", "rank"),
+        ("rules=[{match: a, dense: 1}]", "expected true or false"),
+        ("rank=[unclosed", "--set"),
+        ("rules=[{match: a", "--set"),
+    ],
+)
+def test_bad_overrides_give_one_line_errors(assignment, match):
+    msg = one_line_policy_error(Policy().with_overrides, [assignment], match=match)
+    if "=" in assignment:
+        assert msg.startswith("--set ")
+
+
+def test_bad_dense_regex_is_a_one_line_error():
+    one_line_policy_error(Policy().with_dense, ["re:(("], match="bad regular expression")
+
+
+# -- files ------------------------------------------------------------------------------------
+def test_load_policy_file_with_rules_and_types(tmp_path):
+    f = tmp_path / "policy.yaml"
+    f.write_text(
+        "types:\n"
+        "  attn_proj: {eligible: false}\n"
+        "  head: {eligible: true, floor: 0.1}\n"
+        "rules:\n"
+        "  - {match: 're:.*fc2', density: 0.25, rank: 16}\n"
+        "size_exponent: 0.5\n"
+        "rank: auto\n"
+    )
+    p = Policy.load(f)
+    assert not p.types[LayerType.ATTN_PROJ].eligible
+    assert p.types[LayerType.HEAD] == TypeRule(True, 0.1, 0.9)
+    assert p.rules == (NameRule("re:.*fc2", density=0.25, rank=16),)
+    assert p.size_exponent == 0.5 and p.rank is None
+    # a file's rules come after the base's
+    base = Policy().with_dense(["head"])
+    assert Policy.load(f, base=base).rules[0] == NameRule("head", dense=True)
+
+
+def test_empty_policy_file_is_the_default(tmp_path):
+    f = tmp_path / "empty.yaml"
+    f.write_text("")
+    assert Policy.load(f) == Policy()
+
+
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("- a\n- b\n", "expected a mapping"),
+        ("bogus: 1\n", "unknown key 'bogus'"),
+        ("types: {mlp: {floor: -1}}\n", "must be in (0, 1]"),
+        ("rules: [{match: x, density: 2}]\n", "must be in (0, 1]"),
+        ("rank: [1, 2]\n", "expected an integer"),
+        ("size_exponent: [\n", "invalid YAML"),
+        ("a: b: c\n", "invalid YAML"),
+    ],
+)
+def test_bad_policy_files_give_one_line_errors(tmp_path, text, match):
+    f = tmp_path / "policy.yaml"
+    f.write_text(text)
+    msg = one_line_policy_error(Policy.load, f, match=match)
+    assert str(f) in msg
+
+
+def test_unreadable_policy_files(tmp_path):
+    one_line_policy_error(Policy.load, tmp_path / "missing.yaml", match="no such file")
+    one_line_policy_error(Policy.load, tmp_path, match=str(tmp_path))  # a directory
+    b = tmp_path / "binary.yaml"
+    b.write_bytes(b"\xff\xfe\x00\x81 not utf-8")
+    one_line_policy_error(Policy.load, b, match=str(b))
+
+
+def test_direct_construction_is_validated():
+    with pytest.raises(PolicyError, match="floor"):
+        Policy(types={**Policy().types, LayerType.MLP: TypeRule(True, floor=0.0)})
+    with pytest.raises(PolicyError, match="rank"):
+        Policy(rules=(NameRule("x", rank=-1),))
