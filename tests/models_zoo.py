@@ -202,15 +202,17 @@ class DataDependent(nn.Module):
 
 
 class BNModel(nn.Module):
-    """BatchNorm in train mode: tracing must not change its running stats."""
+    """BatchNorm in train mode and a buffer reassigned in forward: tracing must leave both."""
 
     def __init__(self) -> None:
         super().__init__()
         self.bn = nn.BatchNorm1d(8)
         self.drop = nn.Dropout(0.5)
         self.fc = nn.Linear(8, 4)
+        self.register_buffer("steps", torch.zeros(()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.steps = self.steps + 1
         return self.fc(self.drop(self.bn(x)))
 
 

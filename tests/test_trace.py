@@ -45,7 +45,7 @@ def expected_weight_gemms(model: nn.Module) -> set[str]:
 def snapshot(model: nn.Module) -> dict:
     return {
         "state": {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()},
-        "ids": {k: id(v) for k, v in model.named_parameters()},
+        "ids": {k: id(v) for k, v in model.state_dict(keep_vars=True).items()},
         "training": [m.training for m in model.modules()],
         "attrs": [sorted(vars(m)) for m in model.modules()],
         "requires_grad": [p.requires_grad for p in model.parameters()],

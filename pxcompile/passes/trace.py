@@ -394,8 +394,13 @@ class _GemmRecorder(TorchFunctionMode):
 
 @contextmanager
 def _preserved(model: nn.Module, tensors: list[torch.Tensor]):
-    """no_grad, and restore buffers, RNG and train flags afterwards."""
-    bufs = [(b, b.detach().clone()) for b in model.buffers()]
+    """no_grad, and put back buffers (values and objects), RNG and train flags afterwards."""
+    bufs = [
+        (m, k, b, b.detach().clone())
+        for m in model.modules()
+        for k, b in m._buffers.items()
+        if b is not None
+    ]
     flags = [(m, m.training) for m in model.modules()]
     devices = sorted(
         {t.device.index or 0 for t in tensors if isinstance(t, torch.Tensor) and t.is_cuda}
@@ -405,7 +410,8 @@ def _preserved(model: nn.Module, tensors: list[torch.Tensor]):
             yield
     finally:
         with torch.no_grad():
-            for b, saved in bufs:
+            for m, k, b, saved in bufs:
+                m._buffers[k] = b
                 if b.shape == saved.shape:
                     b.copy_(saved)
         for m, f in flags:
@@ -552,8 +558,11 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 def _build_schema(
     sites: list[_Site], params: _Params, name: str, method: str, description: str
 ) -> tuple[ModelSchema, dict[str, GemmBinding]]:
+    weight_site_names = {s.name for s in sites if s.weight_pid is not None}
     groups: dict[str, list[_Site]] = {}
     for s in sites:
+        if s.weight_pid is None and s.name in weight_site_names:  # e.g. a Linear named 'scores'
+            s.name += "_act"
         groups.setdefault(s.name, []).append(s)
     weight_names = [n for n, g in groups.items() if g[0].weight_pid is not None]
     last_weight = weight_names[-1] if weight_names else None
@@ -1063,7 +1072,9 @@ class _Analyzer:
                     return "addmm"
                 if n == "baddbmm":
                     return "baddbmm"
-                if n == "scaled_dot_product_attention":
+                if n == "scaled_dot_product_attention" or (
+                    n.startswith("_scaled_dot_product_") and "backward" not in n
+                ):  # the fused variants appear in decomposed graphs (older torch.export)
                     return "sdpa"
                 if n == "einsum":
                     return "einsum"
