@@ -246,8 +246,10 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         try:
             text = Path(path).read_text()
-        except OSError:
+        except FileNotFoundError:
             raise PlanError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanError(f"{path}: cannot read ({type(e).__name__})") from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -282,6 +284,11 @@ class Plan:
                 raise PlanError(
                     f"{source}: layer {g.name!r} is {lp.gemm.out_features}x{lp.gemm.in_features}"
                     f" in the plan but {g.out_features}x{g.in_features} in the model"
+                )
+            if lp.pattern is not None and not g.has_weight:
+                raise PlanError(
+                    f"{source}: layer {g.name!r} is an activation GEMM ({g.type.value}); "
+                    "it has no weight to sparsify"
                 )
             if lp.pattern is not None and g.shared_with:
                 raise PlanError(

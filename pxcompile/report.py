@@ -4,6 +4,7 @@ pictures of the masks."""
 from __future__ import annotations
 
 import io
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from .errors import PxError
 from .io import atomic_write_bytes
 from .plan import Plan
 from .schema import human
@@ -20,7 +22,7 @@ def plan_table(plan: Plan, extra_columns: dict[str, dict[str, str]] | None = Non
     """One row per GEMM: what it gets and what that costs. ``extra_columns`` maps a column
     title to per-layer cells (e.g. measured errors or predicted speedups)."""
     t = Table(
-        title=f"{plan.model}: block {plan.block}, budget {plan.budget:g}", title_justify="left"
+        title=f"{plan.model}: block {plan.block}, budget {_budget(plan)}", title_justify="left"
     )
     for col, kw in (
         ("GEMM", {}),
@@ -79,11 +81,16 @@ def plan_table(plan: Plan, extra_columns: dict[str, dict[str, str]] | None = Non
     return t
 
 
+def _budget(plan: Plan) -> str:
+    """The plan's budget for reports (a hand-written plan may have none)."""
+    return "-" if plan.budget is None else f"{plan.budget:g}"
+
+
 def summary_lines(plan: Plan) -> list[str]:
     s = plan.summary
     lines = [
         f"achieved budget: {s.eligible_fraction:.4f} of the eligible GEMMs' compute "
-        f"(budget {plan.budget:g}); whole model: {s.model_fraction:.4f} "
+        f"(budget {_budget(plan)}); whole model: {s.model_fraction:.4f} "
         f"(dense GEMMs included); params {s.params / max(s.dense_params, 1):.4f} of dense"
     ]
     if s.note:
@@ -131,10 +138,22 @@ def plan_json(plan: Plan) -> dict[str, Any]:
 
 
 def masks_npz_bytes(plan: Plan) -> bytes:
-    """Each sparse layer's block mask (bool, hardware-block granularity), keyed by name."""
+    """Each sparse layer's block mask (bool, hardware-block granularity), keyed by name, as
+    a compressed ``.npz`` (``np.load`` reads it).
+
+    Written entry by entry rather than with ``np.savez_compressed(buf, **masks)``: a GEMM
+    may be named like one of its arguments (``file``), and fixed timestamps make the same
+    plan give the same bytes.
+    """
     buf = io.BytesIO()
-    masks = plan.masks()
-    np.savez_compressed(buf, **masks)
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, mask in plan.masks().items():
+            arr = io.BytesIO()
+            np.lib.format.write_array(arr, np.ascontiguousarray(mask), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, arr.getvalue())
     return buf.getvalue()
 
 
@@ -176,6 +195,29 @@ def draw_png_bytes(plan: Plan, max_panels: int = 12) -> bytes:
 
 
 def write_outputs(files: dict[str | Path, bytes]) -> None:
-    """Write every output only once all of them have been produced, each atomically."""
-    for path, data in files.items():
-        atomic_write_bytes(path, data)
+    """Write every output only once all of them have been produced, each atomically.
+
+    Paths are checked first (a directory, or a parent that is a file), so a bad path fails
+    before anything is written; a write that still fails is a one-line PxError, and the
+    files moved into place before it are removed again.
+    """
+    targets = [(Path(p), data) for p, data in files.items()]
+    for path, _ in targets:
+        if path.is_dir():
+            raise PxError(f"{path}: is a directory")
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise PxError(f"{path}: {parent} is not a directory")
+                break
+    done: list[Path] = []
+    try:
+        for path, data in targets:
+            existed = path.exists()
+            atomic_write_bytes(path, data)
+            if not existed:
+                done.append(path)
+    except OSError as e:
+        for p in done:
+            p.unlink(missing_ok=True)
+        raise PxError(f"{path}: cannot write ({e.strerror or type(e).__name__})") from None

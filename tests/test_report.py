@@ -1,0 +1,196 @@
+"""Tests for pxcompile.report: the table, the JSON report, mask files, pictures, outputs."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from pxcompile import report
+from pxcompile.errors import PxError
+from pxcompile.passes.budget import plan_schema
+from pxcompile.plan import Plan
+from pxcompile.policy import Policy
+from pxcompile.schema import Gemm, LayerType, ModelSchema
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def toy() -> ModelSchema:
+    return ModelSchema(
+        "toy",
+        [
+            Gemm("emb", LayerType.EMBEDDING, 512, 512, rows=128),
+            Gemm("l0.fc1", LayerType.MLP, 512, 2048, rows=128, bias=True),
+            Gemm("l0.fc2", LayerType.MLP, 2048, 512, rows=128, bias=True),
+            Gemm("tiny", LayerType.MLP, 64, 512, rows=128),
+        ],
+    )
+
+
+def render(plan: Plan, **kw) -> str:
+    c = Console(file=io.StringIO(), width=250, color_system=None)
+    report.print_plan(plan, c, **kw)
+    return c.file.getvalue()
+
+
+def test_table_lists_every_gemm_and_the_total():
+    p = plan_schema(toy(), 0.3, 32)
+    out = render(p)
+    assert out.splitlines()[0].startswith("toy: block 32, budget 0.3")
+    for g in toy():
+        assert g.name in out
+    assert "under 4 blocks of 32 on a side" in out
+    assert "type embedding stays dense (policy)" in out
+    assert "2 of 4 GEMMs sparse" in out
+    fc1 = p["l0.fc1"]
+    row = next(line for line in out.splitlines() if "l0.fc1" in line)
+    spec = fc1.pattern
+    assert f"{spec.butterfly}/{spec.factors}/{spec.pattern_block}" in row
+    assert f"{fc1.density:.4f}" in row and f"{fc1.block_density:.4f}" in row
+    s = p.summary
+    assert f"achieved budget: {s.eligible_fraction:.4f} of the eligible GEMMs' compute" in out
+    assert "not attainable" not in out
+
+
+def test_extra_columns():
+    p = plan_schema(toy(), 0.3, 32)
+    out = render(p, extra_columns={"speedup": {"l0.fc1": "2.5x"}})
+    assert "speedup" in out
+    assert "2.5x" in next(line for line in out.splitlines() if "l0.fc1" in line)
+
+
+def test_not_attainable_line_has_the_figure():
+    pol = Policy.from_dict({"types": {"mlp": {"floor": 0.5}}})
+    p = plan_schema(toy(), 0.1, 32, pol)
+    lines = report.summary_lines(p)
+    assert len(lines) == 2
+    assert lines[1] == f"not attainable: {p.note}"
+    assert f"{p.summary.eligible_fraction:.3f}" in lines[1]
+    assert "not attainable:" in render(p)
+
+
+def test_plan_without_a_budget_is_reported():
+    p = plan_schema(toy(), 0.3, 32)
+    q = Plan.from_dict({**p.to_dict(), "budget": None}).check_against(toy())
+    out = render(q)
+    assert "budget -" in out
+    assert report.summary_lines(q)[0].endswith("of dense")
+
+
+def test_make_console_is_wide_when_piped():
+    c = report.make_console()
+    assert c.is_terminal or c.width == 200
+
+
+def test_plan_json_fields():
+    p = plan_schema(toy(), 0.3, 32)
+    d = json.loads(json.dumps(report.plan_json(p)))
+    assert d["model"] == "toy" and d["block"] == 32 and d["budget"] == 0.3
+    s = d["summary"]
+    assert s["eligible_flops"] == p.summary.eligible_flops
+    assert s["model_flops"] == toy().flops
+    assert s["attainable"] is True
+    assert [row["name"] for row in d["layers"]] == [g.name for g in toy()]
+    for row in d["layers"]:
+        for k in (
+            "params",
+            "sparse_params",
+            "flops",
+            "sparse_flops",
+            "mask_density",
+            "density",
+            "kept_per_row",
+            "action",
+            "reason",
+            "in",
+            "out",
+            "type",
+        ):
+            assert k in row, k
+        if row["action"] == "sparse":
+            r = row["pattern"]["rank"]
+            lr = r * (row["in"] + row["out"]) / (row["in"] * row["out"])
+            assert row["density"] == row["mask_density"] + lr
+            assert (
+                row["mask_density"] == (row["pattern"]["factors"] + 1) / row["pattern"]["butterfly"]
+            )
+            assert row["sparse_flops"] == pytest.approx(row["flops"] * row["density"])
+        else:
+            assert row["density"] == row["mask_density"] == 1.0
+            assert row["kept_per_row"] is None and "pattern" not in row
+
+
+def test_masks_npz():
+    p = plan_schema(toy(), 0.3, 32)
+    data = report.masks_npz_bytes(p)
+    assert data == report.masks_npz_bytes(p)  # same plan, same bytes
+    with np.load(io.BytesIO(data)) as z:
+        assert sorted(z.files) == sorted(lp.name for lp in p.sparse_layers)
+        for name, m in p.masks().items():
+            assert z[name].dtype == bool
+            np.testing.assert_array_equal(z[name], m)
+
+
+def test_masks_npz_with_awkward_layer_names():
+    names = ["file", "allow_pickle", "a/b.c", "arr_0"]
+    s = ModelSchema("m", [Gemm(n, LayerType.MLP, 256, 256, rows=4) for n in names])
+    p = plan_schema(s, 0.5, 32)
+    with np.load(io.BytesIO(report.masks_npz_bytes(p))) as z:
+        assert sorted(z.files) == sorted(names)
+        for n in names:
+            np.testing.assert_array_equal(z[n], p[n].mask(32))
+
+
+def test_draw_png():
+    pytest.importorskip("matplotlib")
+    p = plan_schema(toy(), 0.3, 32)
+    png = report.draw_png_bytes(p)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    none = plan_schema(ModelSchema("d", [Gemm("h", LayerType.HEAD, 256, 256, rows=1)]), 0.3, 32)
+    assert report.draw_png_bytes(none)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- writing outputs --------------------------------------------------------------------------
+def test_write_outputs(tmp_path):
+    files = {tmp_path / "a.yaml": b"a", tmp_path / "sub" / "b.npz": b"b"}
+    report.write_outputs(files)
+    assert (tmp_path / "a.yaml").read_bytes() == b"a"
+    assert (tmp_path / "sub" / "b.npz").read_bytes() == b"b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.yaml", "sub"]
+
+
+@pytest.mark.parametrize("bad", ["dir", "under_file"])
+def test_write_outputs_bad_path_writes_nothing(tmp_path, bad):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "dir" if bad == "dir" else tmp_path / "file" / "out.npz"
+    with pytest.raises(PxError) as ei:
+        report.write_outputs({tmp_path / "plan.yaml": b"p", target: b"m"})
+    assert "\n" not in str(ei.value) and str(target) in str(ei.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]
+    assert list((tmp_path / "dir").iterdir()) == []
+
+
+def test_write_outputs_failure_midway_removes_what_it_wrote(tmp_path, monkeypatch):
+    (tmp_path / "old.yaml").write_text("old")
+    real = report.atomic_write_bytes
+    calls = []
+
+    def flaky(path, data):
+        calls.append(path)
+        if len(calls) == 3:
+            raise PermissionError(13, "Permission denied")
+        real(path, data)
+
+    monkeypatch.setattr(report, "atomic_write_bytes", flaky)
+    with pytest.raises(PxError, match="cannot write"):
+        report.write_outputs(
+            {tmp_path / "old.yaml": b"new", tmp_path / "a.npz": b"a", tmp_path / "b.png": b"b"}
+        )
+    # the new file is gone again; a file that existed before keeps its (new) content whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.yaml"]
