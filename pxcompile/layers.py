@@ -399,7 +399,7 @@ class PixelflyLinear(nn.Module):
     # ---------------------------------------------------------------------------- views
 
     def _cell_index(self) -> tuple[Tensor, Tensor]:
-        idx = torch.as_tensor(_xor_index(self.spec.butterfly, self.spec.factors)).to(
+        idx = torch.as_tensor(_xor_index(self.spec.butterfly, self.spec.factors).copy()).to(
             self.blocks.device
         )
         ar = torch.arange(self.layout.n, device=self.blocks.device)[:, None].expand_as(idx)

@@ -1,0 +1,340 @@
+"""PixelflyLinear against the masked-dense reference: outputs, every gradient, every path.
+
+No test here is timed (see benchmarks/bench_layer.py for speed). The compiled path is only
+exercised by the tests that name it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pxcompile import layers as L
+from pxcompile.layers import PixelflyLinear, masked_dense_reference
+from pxcompile.patterns import PatternSpec, block_mask
+
+# (in, out, spec): square, wide-out (gather mode), wide-in (scatter mode), cells of several
+# blocks on both sides, rank 0 and rank > 0.
+CASES = [
+    (64, 128, PatternSpec(4, 2, 8, 4)),
+    (128, 64, PatternSpec(4, 2, 8, 4)),
+    (64, 64, PatternSpec(8, 3, 8, 0)),
+    (96, 384, PatternSpec(4, 1, 8, 3)),
+    (384, 96, PatternSpec(4, 1, 8, 0)),
+    (192, 96, PatternSpec(12, 2, 8, 5)),
+    (128, 256, PatternSpec(8, 2, 16, 8)),
+]
+CASE_IDS = [f"{i}x{o}-n{s.butterfly}f{s.factors}pb{s.pattern_block}r{s.rank}" for i, o, s in CASES]
+
+# Every path the dispatch can take, forced (name, path, tile_rows).
+PATHS = [
+    ("eager", "eager", 0),
+    ("eager-tiled", "eager", 16),
+]
+
+
+def _reference(layer: PixelflyLinear):
+    w = layer.block_weight().detach().clone().requires_grad_(True)
+    b = None if layer.bias is None else layer.bias.detach().clone().requires_grad_(True)
+    u = v = None
+    if layer.lowrank_u is not None:
+        u = layer.lowrank_u.detach().clone().requires_grad_(True)
+        v = layer.lowrank_v.detach().clone().requires_grad_(True)
+    return masked_dense_reference(w, b, layer.spec, u, v), w, b, u, v
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).detach().norm() / b.detach().norm().clamp_min(1e-30))
+
+
+def _check_against_reference(layer, x, tol=1e-4):
+    ref, w, b, u, v = _reference(layer)
+    x1 = x.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    y = layer(x1)
+    yr = ref(x2)
+    assert y.shape == yr.shape
+    assert _rel(y, yr) < tol
+    gy = torch.randn_like(yr)
+    y.backward(gy)
+    yr.backward(gy)
+    assert _rel(x1.grad, x2.grad) < tol
+    # blocks' gradient, seen through the dense weight, is the masked dense gradient
+    mask = layer.mask()
+    g_blocks_dense = _grad_of_blocks_as_dense(layer)
+    assert _rel(g_blocks_dense, w.grad * mask) < tol
+    if layer.bias is not None:
+        assert _rel(layer.bias.grad, b.grad) < tol
+    if u is not None:
+        assert _rel(layer.lowrank_u.grad, u.grad) < tol
+        assert _rel(layer.lowrank_v.grad, v.grad) < tol
+
+
+def _grad_of_blocks_as_dense(layer: PixelflyLinear) -> torch.Tensor:
+    """Scatter ``blocks.grad`` into an ``[out, in]`` matrix with the layer's own layout."""
+    probe = PixelflyLinear(
+        layer.in_features, layer.out_features, layer.spec, bias=False, dtype=layer.blocks.dtype
+    )
+    with torch.no_grad():
+        probe.blocks.copy_(layer.blocks.grad)
+    return probe.block_weight()
+
+
+@pytest.fixture(params=PATHS, ids=[p[0] for p in PATHS])
+def path(request):
+    return request.param
+
+
+@pytest.mark.parametrize(("fin", "fout", "spec"), CASES, ids=CASE_IDS)
+def test_matches_masked_dense(fin, fout, spec, path):
+    torch.manual_seed(0)
+    _, p, tile = path
+    layer = PixelflyLinear(fin, fout, spec)
+    layer.path, layer.tile_rows = p, tile
+    x = torch.randn(37, fin)
+    _check_against_reference(layer, x)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("fin", "fout"), [(64, 128), (128, 64)])
+def test_gradcheck_float64(fin, fout, bias, path):
+    torch.manual_seed(0)
+    _, p, tile = path
+    layer = PixelflyLinear(fin, fout, PatternSpec(4, 2, 8, 3), bias=bias, dtype=torch.float64)
+    layer.path, layer.tile_rows = p, (tile and 2)
+    x = torch.randn(5, fin, dtype=torch.float64, requires_grad=True)
+    params = tuple(pp for pp in layer.parameters())
+
+    def fn(x, *ps):
+        return layer(x)
+
+    # fast mode checks random projections of the Jacobian (the full one is slow here)
+    assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
+
+
+@pytest.mark.parametrize(("fin", "fout", "rank"), [(16, 32, 2), (32, 16, 0)])
+def test_gradcheck_full_jacobian_float64(fin, fout, rank):
+    torch.manual_seed(0)
+    layer = PixelflyLinear(fin, fout, PatternSpec(4, 1, 4, rank), dtype=torch.float64)
+    layer.tile_rows = 0
+    x = torch.randn(3, fin, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *ps: layer(x), (x, *layer.parameters()))
+
+
+def test_3d_and_noncontiguous_inputs(path):
+    torch.manual_seed(0)
+    _, p, tile = path
+    layer = PixelflyLinear(128, 64, PatternSpec(4, 2, 8, 4))
+    layer.path, layer.tile_rows = p, tile
+    ref, *_ = _reference(layer)
+    x3 = torch.randn(3, 11, 128)
+    assert torch.allclose(layer(x3), ref(x3), rtol=1e-4, atol=1e-5)
+    xt = torch.randn(128, 20).t()  # non-contiguous 2-D
+    assert not xt.is_contiguous()
+    assert torch.allclose(layer(xt), ref(xt), rtol=1e-4, atol=1e-5)
+    xs = torch.randn(4, 9, 256)[:, :, ::2]  # strided last dim, 3-D
+    assert torch.allclose(layer(xs), ref(xs), rtol=1e-4, atol=1e-5)
+    _check_against_reference(layer, torch.randn(64, 6, 128).transpose(0, 1))
+
+
+@pytest.mark.parametrize(("fin", "fout"), [(64, 128), (128, 64)])
+def test_one_row_and_1d(fin, fout, path):
+    torch.manual_seed(0)
+    _, p, tile = path
+    layer = PixelflyLinear(fin, fout, PatternSpec(4, 2, 8, 4))
+    layer.path, layer.tile_rows = p, tile
+    _check_against_reference(layer, torch.randn(1, fin))
+    ref, *_ = _reference(layer)
+    x = torch.randn(fin)
+    assert layer(x).shape == (fout,)
+    assert torch.allclose(layer(x), ref(x), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(layer(x[None]), ref(x[None]), rtol=1e-4, atol=1e-5)
+
+
+def test_no_grad_inference_matches(path):
+    torch.manual_seed(0)
+    _, p, tile = path
+    layer = PixelflyLinear(64, 128, PatternSpec(4, 2, 8, 4))
+    layer.path, layer.tile_rows = p, tile
+    ref, *_ = _reference(layer)
+    for m in (1, 3, 64, 100):
+        x = torch.randn(m, 64)
+        with torch.no_grad():
+            assert torch.allclose(layer(x), ref(x), rtol=1e-4, atol=1e-5)
+        with torch.inference_mode():
+            assert torch.allclose(layer(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_empty_input():
+    layer = PixelflyLinear(64, 128, PatternSpec(4, 2, 8, 4))
+    assert layer(torch.randn(0, 64)).shape == (0, 128)
+    assert layer(torch.randn(2, 0, 64)).shape == (2, 0, 128)
+
+
+def test_frozen_parts_and_input_without_grad(path):
+    """Gradients for only some inputs (e.g. the first layer, frozen blocks)."""
+    torch.manual_seed(0)
+    _, p, tile = path
+    layer = PixelflyLinear(64, 128, PatternSpec(4, 2, 8, 4))
+    layer.path, layer.tile_rows = p, tile
+    ref, w, b, u, v = _reference(layer)
+    layer.blocks.requires_grad_(False)
+    x = torch.randn(20, 64)
+    layer(x).sum().backward()
+    ref(x).sum().backward()
+    assert layer.blocks.grad is None
+    assert _rel(layer.lowrank_u.grad, u.grad) < 1e-4
+    assert _rel(layer.bias.grad, b.grad) < 1e-4
+
+
+@pytest.mark.parametrize(("fin", "fout"), [(64, 128), (128, 64)])
+def test_bfloat16(fin, fout):
+    torch.manual_seed(0)
+    layer = PixelflyLinear(fin, fout, PatternSpec(4, 2, 8, 4))
+    layer.tile_rows = 0
+    ref, *_ = _reference(layer)
+    x = torch.randn(10, fin)
+    lb = layer.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16).requires_grad_(True)
+    y = lb(xb)
+    assert y.dtype == torch.bfloat16
+    assert _rel(y.float(), ref(x)) < 3e-2
+    y.float().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16
+    assert lb.blocks.grad.dtype == torch.bfloat16
+
+
+def test_from_dense_copies_blocks_exactly():
+    torch.manual_seed(0)
+    for fin, fout, spec in CASES:
+        w = torch.randn(fout, fin)
+        b = torch.randn(fout)
+        layer = PixelflyLinear.from_dense(w, b, spec)
+        mask = layer.mask()
+        assert torch.equal(layer.block_weight(), w * mask)
+        assert torch.equal(layer.bias, b)
+        assert layer.init_error is not None and 0 <= layer.init_error < 1
+
+
+def test_from_dense_rank0_error_is_masked_residual():
+    torch.manual_seed(0)
+    w = torch.randn(128, 64)
+    spec = PatternSpec(4, 2, 8, 0)
+    layer = PixelflyLinear.from_dense(w, None, spec)
+    expect = float((w * ~layer.mask()).norm() / w.norm())
+    assert layer.init_error == pytest.approx(expect, rel=1e-5)
+    assert layer.lowrank_u is None and layer.lowrank_v is None and layer.bias is None
+
+
+def test_from_dense_full_rank_residual_is_fitted():
+    torch.manual_seed(0)
+    w = torch.randn(128, 64)
+    full = PixelflyLinear.from_dense(w, None, PatternSpec(4, 2, 8, 64))
+    assert full.init_error < 1e-5
+    assert torch.allclose(full.dense_weight(), w, atol=1e-4)
+    some = PixelflyLinear.from_dense(w, None, PatternSpec(4, 2, 8, 16))
+    none = PixelflyLinear.from_dense(w, None, PatternSpec(4, 2, 8, 0))
+    assert full.init_error < some.init_error < none.init_error
+    # square-root split: U and V carry the same singular values
+    assert torch.allclose(some.lowrank_u.norm(dim=0), some.lowrank_v.norm(dim=1), rtol=1e-4)
+
+
+def test_from_dense_scratch_init():
+    torch.manual_seed(0)
+    fin, fout, spec = 96, 384, PatternSpec(4, 1, 8, 3)
+    w = torch.zeros(fout, fin)
+    layer = PixelflyLinear.from_dense(w, torch.zeros(fout), spec, init="scratch")
+    assert layer.init_error is None
+    bound = math.sqrt(1 / spec.block_density) / math.sqrt(fin)
+    assert float(layer.blocks.abs().max()) <= bound
+    assert float(layer.blocks.abs().max()) > 0.9 * bound
+    assert float(layer.blocks.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    # low-rank term small next to the butterfly
+    assert float((layer.lowrank_u @ layer.lowrank_v).std()) < 0.1 * float(layer.blocks.std())
+    with pytest.raises(ValueError):
+        PixelflyLinear.from_dense(w, None, spec, init="nope")
+
+
+@pytest.mark.parametrize(("fin", "fout", "spec"), CASES, ids=CASE_IDS)
+def test_parameters_and_masks(fin, fout, spec):
+    layer = PixelflyLinear(fin, fout, spec)
+    pb = spec.pattern_block
+    n_params = sum(p.numel() for p in layer.parameters())
+    expect = spec.kept_blocks(fout, fin) * pb * pb + spec.rank * (fin + fout) + fout
+    assert n_params == expect
+    assert layer.blocks.numel() == spec.kept_blocks(fout, fin) * pb * pb
+    assert all(p.shape != (fout, fin) for p in layer.parameters())
+    names = {n for n, _ in layer.named_parameters()}
+    assert names == {"blocks", "bias"} | ({"lowrank_u", "lowrank_v"} if spec.rank else set())
+    if spec.rank:
+        assert layer.lowrank_u.shape == (fout, spec.rank)
+        assert layer.lowrank_v.shape == (spec.rank, fin)
+    # element mask = block mask expanded; block_weight is zero exactly off the mask
+    m = layer.mask()
+    assert m.dtype == torch.bool and m.shape == (fout, fin)
+    bm = block_mask(spec, fout, fin, block=pb)
+    assert np.array_equal(m.numpy(), np.kron(bm, np.ones((pb, pb), dtype=bool)))
+    assert torch.equal(layer.block_weight() != 0, m)
+    assert float(m.float().mean()) == pytest.approx(spec.block_density)
+    # state dict holds parameters only (index buffers are derived from the spec)
+    assert set(layer.state_dict()) == names
+    r = repr(layer)
+    assert "density=" in r and "PatternSpec" in r
+
+
+def test_state_dict_roundtrip():
+    torch.manual_seed(0)
+    spec = PatternSpec(4, 2, 8, 4)
+    a = PixelflyLinear(64, 128, spec)
+    b = PixelflyLinear(64, 128, spec)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 64)
+    assert torch.equal(a(x), b(x))
+
+
+def test_misfit_raises():
+    with pytest.raises(ValueError):
+        PixelflyLinear(100, 128, PatternSpec(4, 2, 8, 0))
+    with pytest.raises(ValueError):
+        PixelflyLinear(64, 128, PatternSpec(4, 2, 8, 65))
+    layer = PixelflyLinear(64, 128, PatternSpec(4, 2, 8, 0))
+    with pytest.raises(ValueError):
+        layer(torch.randn(3, 32))
+
+
+def test_dense_weight_is_differentiable():
+    torch.manual_seed(0)
+    layer = PixelflyLinear(64, 128, PatternSpec(4, 2, 8, 4))
+    layer.dense_weight().sum().backward()
+    assert layer.blocks.grad is not None and torch.all(layer.blocks.grad == 1)
+    assert layer.lowrank_u.grad is not None and layer.lowrank_v.grad is not None
+
+
+def test_inside_a_model_trains():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        PixelflyLinear(64, 128, PatternSpec(4, 2, 8, 4)),
+        nn.GELU(),
+        PixelflyLinear(128, 64, PatternSpec(4, 2, 8, 4)),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(32, 64)
+    target = torch.randn(32, 64)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
+def test_module_defaults_exist():
+    assert isinstance(L.TILE_ROWS, int)
+    assert isinstance(L.COMPILE, bool)
