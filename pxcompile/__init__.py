@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 from .errors import PxError
 from .patterns import PatternSpec, block_mask, flat_butterfly
-from .plan import LayerPlan, Plan
+from .plans import LayerPlan, Plan
 from .policy import NameRule, Policy, TypeRule
 from .schema import Gemm, LayerType, ModelSchema
 

@@ -24,7 +24,7 @@ from .passes.mapping import CostModel
 from .passes.rewrite import RewriteResult, rewritable, rewrite
 from .passes.trace import TraceResult
 from .passes.trace import trace as _trace
-from .plan import Plan
+from .plans import Plan
 from .policy import Policy
 from .schema import ModelSchema
 
@@ -44,13 +44,18 @@ def _inputs(model: nn.Module, example_inputs: Inputs | None) -> Inputs:
     )
 
 
+def _as_args(inputs: Inputs) -> tuple[tuple, dict]:
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple | list):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
 def call(model: nn.Module, inputs: Inputs) -> Any:
     """Run ``model`` on example inputs given as a tensor, a tuple or a dict."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)
+    args, kwargs = _as_args(inputs)
+    return model(*args, **kwargs)
 
 
 def trace(
@@ -98,13 +103,24 @@ def plan(
     return plan_schema(model_or_schema, budget, block, policy, cost_model, strict=strict)
 
 
-def _plan_traced(model, traced, budget, block, policy) -> Plan:
+def _plan_traced(
+    model: nn.Module | None,
+    traced: TraceResult,
+    budget: float,
+    block: int,
+    policy: Policy | dict | None,
+    cost_model: CostModel | None = None,
+    strict: bool = False,
+) -> Plan:
+    """Plan a traced model; GEMMs the rewrite can't reach stay dense and say why."""
     if isinstance(policy, dict):
         policy = Policy.from_dict(policy)
-    forced = {
-        n: w for n, b in traced.bindings.items() if (w := rewritable(b, model, traced.method))
-    }
-    return plan_schema(traced.schema, budget, block, policy, dense=forced)
+    forced = {}
+    for name, b in traced.bindings.items():
+        why = rewritable(b, model, traced.method)
+        if why:
+            forced[name] = why
+    return plan_schema(traced.schema, budget, block, policy, cost_model, strict, dense=forced)
 
 
 def apply(

@@ -180,7 +180,7 @@ def _policy(args: argparse.Namespace):
 
 def _make_plan(args: argparse.Namespace, schema):
     from .passes.budget import plan_schema
-    from .plan import Plan
+    from .plans import Plan
 
     if args.plan:
         if args.budget is not None:

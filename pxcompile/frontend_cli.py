@@ -29,7 +29,7 @@ def compile_model_file(args: argparse.Namespace) -> int:
     from . import api
     from .cli import _finish, _policy
     from .modelfile import load_model_file
-    from .plan import Plan
+    from .plans import Plan
 
     err = make_console(stderr=True)
     with progress_status(not args.json) as progress:

@@ -14,7 +14,7 @@ from rich.table import Table
 
 from .errors import PxError
 from .io import atomic_write_bytes
-from .plan import Plan
+from .plans import Plan
 from .schema import human
 
 

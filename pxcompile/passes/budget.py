@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from ..errors import BudgetNotAttainable, PxError
 from ..patterns import PatternSpec
-from ..plan import TOLERANCE, LayerPlan, Plan
+from ..plans import TOLERANCE, LayerPlan, Plan
 from ..policy import Policy
 from ..schema import Gemm, ModelSchema
 from .mapping import Choice, CostModel, FlopsBlockCost, choose, menu

@@ -31,7 +31,7 @@ from torch import fx, nn
 from ..errors import PlanError
 from ..layers import PixelflyLinear
 from ..mha import ProjectedMultiheadAttention, unsupported_reason
-from ..plan import LayerPlan, Plan
+from ..plans import LayerPlan, Plan
 from .trace import GemmBinding, TraceResult
 
 ProgressFn = Callable[[str], None]
@@ -55,6 +55,8 @@ def rewritable(binding: GemmBinding, model: nn.Module | None, method: str) -> st
         mha = model.get_submodule(owner)
         if isinstance(mha, nn.MultiheadAttention):
             return unsupported_reason(mha)
+    if binding.kind == "functional_op":
+        return "weight used in a matmul other than F.linear on the parameter itself"
     if binding.kind not in ("linear", "conv1d", "mha_in_proj", "functional"):
         return f"no rewrite for GEMMs of kind {binding.kind!r}"
     return None
