@@ -1,0 +1,498 @@
+"""Tests for the ``pxcompile`` command on schemas: the issue's acceptance list.
+
+Most runs are in-process (``pxcompile.cli.main`` with capsys); a few run the real command
+as a subprocess to check the exit code and that stderr is one line with no traceback.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pxcompile.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS = ROOT / "schemas"
+ACCEPTANCE = ["mixer-b16", "gpt2-small", "vit-b16", "bert-base"]
+
+
+def schema_path(name: str) -> str:
+    return str(SCHEMAS / f"{name}.yaml")
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """Run the CLI in-process; argparse's SystemExit counts as the exit code."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def run_json(capsys, *argv) -> dict:
+    rc, out, err = run(capsys, *argv, "--json")
+    assert rc == 0, err
+    return json.loads(out)
+
+
+def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
+    assert rc != 0
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("pxcompile: error: "), err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def listing(d: Path) -> list[str]:
+    """Everything under ``d`` (hidden temporary files included)."""
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+def outputs(tmp_path: Path) -> list[str]:
+    return [
+        "--plan-out", str(tmp_path / "out" / "plan.yaml"),
+        "--masks-out", str(tmp_path / "out" / "masks.npz"),
+        "--draw", str(tmp_path / "out" / "masks.png"),
+    ]  # fmt: skip
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+# -- the acceptance runs --------------------------------------------------------------------
+@pytest.mark.parametrize("name", ACCEPTANCE)
+def test_budget_0_3_prints_the_table(capsys, name):
+    rc, out, err = run(capsys, schema_path(name), "--budget", "0.3", "--block", "32")
+    assert rc == 0 and err == ""
+    assert f"{name}: block 32, budget 0.3" in out
+    assert "GEMM" in out and "pattern n/f/pb" in out and "total" in out
+    line = next(x for x in out.splitlines() if x.startswith("achieved budget: "))
+    achieved = float(line.split()[2])
+    assert 0.28 <= achieved <= 0.30
+    assert "not attainable" not in out
+    d = run_json(capsys, schema_path(name), "--budget", "0.3", "--block", "32")
+    assert 0.28 <= d["summary"]["eligible_fraction"] <= 0.30
+    assert d["summary"]["attainable"] is True
+
+
+@pytest.mark.parametrize("name", ACCEPTANCE)
+def test_budget_0_1(capsys, name):
+    rc, out, _ = run(capsys, schema_path(name), "--budget", "0.1", "--block", "32")
+    assert rc == 0
+    line = next(x for x in out.splitlines() if x.startswith("achieved budget: "))
+    achieved = float(line.split()[2])
+    if not 0.08 <= achieved <= 0.10:
+        na = [x for x in out.splitlines() if x.startswith("not attainable: ")]
+        assert len(na) == 1 and f"{achieved:.3f}" in na[0], out
+
+
+@pytest.mark.parametrize(
+    "name,block", [(n, 32) for n in ACCEPTANCE] + [("gpt2-small", 16), ("vit-b16", 64)]
+)
+def test_masks_match_the_reported_density_exactly(capsys, tmp_path, name, block):
+    masks = tmp_path / "m.npz"
+    d = run_json(
+        capsys, schema_path(name), "--budget", "0.3", "--block", block, "--masks-out", masks
+    )
+    files = load_npz(masks)
+    layers = {row["name"]: row for row in d["layers"]}
+    sparse = {n for n, row in layers.items() if row["action"] == "sparse"}
+    assert set(files) == sparse and sparse
+    for n, m in files.items():
+        row = layers[n]
+        i, o = row["in"], row["out"]
+        # block-aligned to the requested block: one entry per b x b block of the weight
+        assert m.dtype == bool and m.shape == (o // block, i // block)
+        assert o % block == 0 and i % block == 0
+        # the density recomputed from the file is the reported one, exactly
+        assert float(m.sum()) / m.size == row["mask_density"]
+        r = row["pattern"]["rank"]
+        assert row["density"] == row["mask_density"] + r * (i + o) / (i * o)
+        # and the blocks follow the flat butterfly on the stretched n x n grid
+        n_, f = row["pattern"]["butterfly"], row["pattern"]["factors"]
+        rr = (np.arange(o // block) * block)[:, None] // (o // n_)
+        cc = (np.arange(i // block) * block)[None, :] // (i // n_)
+        x = rr ^ cc
+        keep = (x == 0) | np.isin(x, [1 << k for k in range(f)])
+        np.testing.assert_array_equal(m, keep)
+
+
+def test_same_inputs_same_plan_and_plan_reproduces_masks(capsys, tmp_path):
+    s = schema_path("vit-b16")
+    p1, p2, p3 = (tmp_path / f"p{k}.yaml" for k in (1, 2, 3))
+    m1, m2 = tmp_path / "m1.npz", tmp_path / "m2.npz"
+    assert run(capsys, s, "--budget", "0.3", "--plan-out", p1, "--masks-out", m1)[0] == 0
+    assert run(capsys, s, "--budget", "0.3", "--plan-out", p2)[0] == 0
+    assert p1.read_bytes() == p2.read_bytes()
+    rc, out, err = run(capsys, s, "--plan", p1, "--masks-out", m2, "--plan-out", p3)
+    assert rc == 0, err
+    a, b = load_npz(m1), load_npz(m2)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert m1.read_bytes() == m2.read_bytes()
+    assert p3.read_bytes() == p1.read_bytes()  # re-applying a plan reproduces it
+    assert "achieved budget" in out
+
+
+def test_hand_edited_plan_is_applied(capsys, tmp_path):
+    s = schema_path("gpt2-small")
+    plan = tmp_path / "plan.yaml"
+    assert run(capsys, s, "--budget", "0.3", "--plan-out", plan)[0] == 0
+    d = yaml.safe_load(plan.read_text())
+    row = next(r for r in d["layers"] if r["name"] == "transformer.h.0.mlp.c_fc")
+    row["pattern"] = {"butterfly": 24, "factors": 3, "pattern_block": 32, "rank": 0}
+    plan.write_text(yaml.safe_dump(d, sort_keys=False))
+    masks = tmp_path / "m.npz"
+    out = run_json(capsys, s, "--plan", plan, "--masks-out", masks)
+    m = load_npz(masks)["transformer.h.0.mlp.c_fc"]
+    assert m.shape == (3072 // 32, 768 // 32)
+    assert float(m.sum()) / m.size == 4 / 24
+    got = next(r for r in out["layers"] if r["name"] == "transformer.h.0.mlp.c_fc")
+    assert got["mask_density"] == 4 / 24 and got["density"] == 4 / 24
+    # a pattern that doesn't fit: one line naming the layer, nothing written
+    row["pattern"] = {"butterfly": 16, "factors": 2, "pattern_block": 32}
+    plan.write_text(yaml.safe_dump(d, sort_keys=False))
+    before = listing(tmp_path)
+    rc, _, err = run(capsys, s, "--plan", plan, *outputs(tmp_path))
+    assert rc == 2
+    assert_one_line_error(rc, err, "transformer.h.0.mlp.c_fc", "does not fit")
+    assert listing(tmp_path) == before
+
+
+# -- malformed inputs: one line, exit 2, nothing written --------------------------------------
+BAD_SCHEMAS = {
+    "not-yaml": "version: 1\ngemms: [\n",
+    "empty": "",
+    "list": "- 1\n- 2\n",
+    "version": "version: 9\nname: m\ngemms: [{name: a, type: mlp, in: 256, out: 256, rows: 1}]\n",
+    "no-gemms": "version: 1\nname: m\ngemms: []\n",
+    "bad-type": "version: 1\nname: m\ngemms: [{name: a, type: conv, in: 256, out: 256, rows: 1}]\n",
+    "bad-in": "version: 1\nname: m\ngemms: [{name: a, type: mlp, in: -4, out: 256, rows: 1}]\n",
+    "dup": "version: 1\nname: m\ngemms: [{name: a, type: mlp, in: 256, out: 256, rows: 1},"
+    " {name: a, type: mlp, in: 256, out: 256, rows: 1}]\n",
+    "unknown": "version: 1\nname: m\ngemms: [{name: a, type: mlp, in: 256, out: 256, rows: 1,"
+    " colour: red}]\n",
+    "binary": b"\xff\xfe\x00\x81garbage",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SCHEMAS))
+def test_malformed_schema(capsys, tmp_path, case):
+    f = tmp_path / "bad.yaml"
+    text = BAD_SCHEMAS[case]
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    rc, out, err = run(capsys, f, "--budget", "0.3", *outputs(tmp_path))
+    assert rc == 2
+    assert_one_line_error(rc, err, str(f))
+    assert listing(tmp_path) == ["bad.yaml"]  # no output, no temp file
+
+
+_GOOD_PLAN: list[str] = []
+
+
+def _good_plan(capsys, tmp_path) -> dict:
+    """bert-base's plan at 0.3 as plain data (made once by the command, then reused)."""
+    if not _GOOD_PLAN:
+        p = tmp_path / "good.yaml"
+        assert run(capsys, schema_path("bert-base"), "--budget", "0.3", "--plan-out", p)[0] == 0
+        _GOOD_PLAN.append(p.read_text())
+        p.unlink()
+    return yaml.safe_load(_GOOD_PLAN[0])
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda d: "version: [\n", "line"),
+        (lambda d: {**d, "version": 0}, "'version' must be 1"),
+        (lambda d: {**d, "block": 24}, "'block' must be a power of two"),
+        (lambda d: {**d, "layers": d["layers"][1:]}, "that the plan lacks"),
+        (lambda d: {**d, "layers": [*d["layers"], {**d["layers"][-1], "name": "x"}]},
+         "'x' is not in model"),
+        (lambda d: {**d, "layers": [{**d["layers"][0], "action": "prune"}, *d["layers"][1:]]},
+         "'action' must be"),
+        (lambda d: {**d, "layers": [{**d["layers"][0], "out": 7}, *d["layers"][1:]]},
+         "layers[0]"),
+        (lambda d: [d], "expected a mapping"),
+    ],
+)  # fmt: skip
+def test_malformed_plan(capsys, tmp_path, edit, needle):
+    d = _good_plan(capsys, tmp_path)
+    new = edit(d)
+    f = tmp_path / "bad.plan.yaml"
+    f.write_text(new if isinstance(new, str) else yaml.safe_dump(new, sort_keys=False))
+    rc, _, err = run(capsys, schema_path("bert-base"), "--plan", f, *outputs(tmp_path))
+    assert rc == 2
+    assert_one_line_error(rc, err, needle)
+    assert listing(tmp_path) == ["bad.plan.yaml"]
+
+
+# -- bad flags ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--budget", "0"], "--budget"),
+        (["--budget", "-0.2"], "--budget"),
+        (["--budget", "1.01"], "--budget"),
+        (["--budget", "abc"], "--budget"),
+        (["--budget", "nan"], "--budget"),
+        (["--budget", "0.3", "--block", "3"], "--block"),
+        (["--budget", "0.3", "--block", "48"], "--block"),
+        (["--budget", "0.3", "--block", "0"], "--block"),
+        (["--budget", "0.3", "--block", "x"], "--block"),
+        (["--budget", "0.3", "--block", "4096"], "larger than every layer"),
+        ([], "--budget is required"),
+        (["--budget", "0.3", "--set", "nonsense=1"], "unknown key 'nonsense'"),
+        (["--budget", "0.3", "--set", "size_exponent"], "expected KEY=VALUE"),
+        (["--budget", "0.3", "--set", "rank=[1"], "--set"),
+        (["--budget", "0.3", "--set", "types.mlp.floor=2"], "must be in (0, 1]"),
+        (["--budget", "0.3", "--dense", "re:(("], "bad regular expression"),
+        (["--budget", "0.3", "-o", "x.px"], "-o/--output needs a model file"),
+    ],
+)
+def test_bad_flags(capsys, tmp_path, args, needle):
+    rc, out, err = run(capsys, schema_path("gpt2-small"), *args, *outputs(tmp_path))
+    assert_one_line_error(rc, err, needle)
+    assert rc == 2
+    assert listing(tmp_path) == []
+
+
+def test_missing_and_unreadable_inputs(capsys, tmp_path):
+    rc, _, err = run(capsys, tmp_path / "nope.yaml", "--budget", "0.3")
+    assert_one_line_error(rc, err, "nope.yaml", "no such file")
+    rc, _, err = run(capsys, tmp_path, "--budget", "0.3")  # a directory
+    assert_one_line_error(rc, err, str(tmp_path))
+    rc, _, err = run(capsys, "--budget", "0.3")
+    assert_one_line_error(rc, err, "input")
+    rc, _, err = run(capsys, schema_path("gpt2-small"), "--plan", tmp_path / "nope.plan.yaml")
+    assert_one_line_error(rc, err, "nope.plan.yaml")
+    rc, _, err = run(capsys, schema_path("gpt2-small"), "--budget", "0.3", "--policy", tmp_path)
+    assert_one_line_error(rc, err, str(tmp_path))
+
+
+def test_plan_and_budget_together(capsys, tmp_path):
+    plan = tmp_path / "p.yaml"
+    assert run(capsys, schema_path("gpt2-small"), "--budget", "0.3", "--plan-out", plan)[0] == 0
+    rc, _, err = run(capsys, schema_path("gpt2-small"), "--plan", plan, "--budget", "0.3")
+    assert_one_line_error(rc, err, "--budget", "--plan")
+
+
+@pytest.mark.parametrize(
+    "plan_for,applied_to",
+    [("gpt2-small", "bert-base"), ("vit-b16", "vit-s16"), ("gpt2-small", "gpt2-medium"),
+     ("mixer-b16", "mixer-s16")],
+)  # fmt: skip
+def test_plan_for_another_model(capsys, tmp_path, plan_for, applied_to):
+    plan = tmp_path / "p.yaml"
+    assert run(capsys, schema_path(plan_for), "--budget", "0.3", "--plan-out", plan)[0] == 0
+    rc, _, err = run(capsys, schema_path(applied_to), "--plan", plan, *outputs(tmp_path))
+    assert rc == 2
+    assert_one_line_error(rc, err, str(plan))
+    assert listing(tmp_path) == ["p.yaml"]
+
+
+# -- the real command ------------------------------------------------------------------------
+def _subprocess(*args: str, exe: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "80"}
+    return subprocess.run(
+        [*(exe or [sys.executable, "-m", "pxcompile"]), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["schemas/gpt2-small.yaml", "--budget", "1.5"], "--budget"),
+        (["missing.yaml", "--budget", "0.3"], "no such file"),
+        (["schemas/gpt2-small.yaml", "--budget", "0.01", "--strict"], "not attainable"),
+    ],
+)
+def test_subprocess_errors(tmp_path, args, needle):
+    r = _subprocess(*args, "--masks-out", str(tmp_path / "m.npz"))
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("pxcompile: error: ") and needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert listing(tmp_path) == []
+
+
+def test_subprocess_malformed_schema(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ngemms: {oops\n")
+    r = _subprocess(str(bad), "--budget", "0.3", "--plan-out", str(tmp_path / "p.yaml"))
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
+    assert "Traceback" not in r.stderr and str(bad) in r.stderr
+    assert listing(tmp_path) == ["bad.yaml"]
+
+
+def test_console_script(tmp_path):
+    exe = Path(sys.executable).with_name("pxcompile")
+    if not exe.exists():
+        pytest.skip("pxcompile console script not installed next to the interpreter")
+    r = _subprocess("schemas/vit-b16.yaml", "--budget", "0.3", "--json", exe=[str(exe)])
+    assert r.returncode == 0, r.stderr
+    assert 0.28 <= json.loads(r.stdout)["summary"]["eligible_fraction"] <= 0.30
+    r = _subprocess("schemas/vit-b16.yaml", "--budget", "0", exe=[str(exe)])
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+# -- policy from the command line ------------------------------------------------------------
+def reasons(d: dict) -> dict[str, tuple[str, str]]:
+    return {r["name"]: (r["action"], r["reason"]) for r in d["layers"]}
+
+
+def test_set_override(capsys):
+    d = run_json(
+        capsys, schema_path("vit-b16"), "--budget", "0.3", "--set", "types.attn_proj.eligible=false"
+    )
+    r = reasons(d)
+    qkv = [n for n in r if n.endswith("attn.qkv")]
+    assert qkv and all(r[n] == ("dense", "type attn_proj stays dense (policy)") for n in qkv)
+    assert any(a == "sparse" for a, _ in r.values())
+    assert d["policy"]["types"]["attn_proj"]["eligible"] is False
+
+
+def test_dense_regex(capsys):
+    d = run_json(capsys, schema_path("bert-base"), "--budget", "0.3", "--dense", "re:.*attention.*")
+    r = reasons(d)
+    att = [n for n in r if "attention" in n and r[n][0] == "dense"]
+    assert att and all(
+        r[n][1] == "kept dense by rule 're:.*attention.*'"
+        for n in att
+        if not r[n][1].startswith("type ")
+    )
+    assert not any(a == "sparse" for n, (a, _) in r.items() if "attention" in n)
+    assert any(a == "sparse" for a, _ in r.values())
+    assert 0.28 <= d["summary"]["eligible_fraction"] <= 0.30
+
+
+def test_policy_file_with_rules_types_and_pins(capsys, tmp_path):
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(
+        "types:\n"
+        "  attn_proj: {eligible: false}\n"
+        "rules:\n"
+        "  - {match: 'transformer.h.0.mlp.*', density: 0.25}\n"
+        "  - {match: 're:transformer\\.h\\.11\\..*', dense: true}\n"
+    )
+    d = run_json(capsys, schema_path("gpt2-small"), "--budget", "0.3", "--policy", pol)
+    r = reasons(d)
+    rows = {row["name"]: row for row in d["layers"]}
+    for n in ("transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"):
+        assert rows[n]["density"] == 0.25
+        assert r[n] == ("sparse", "pinned at 0.25 by policy")
+    assert r["transformer.h.11.mlp.c_fc"] == (
+        "dense",
+        "kept dense by rule 're:transformer\\\\.h\\\\.11\\\\..*'",
+    )
+    assert r["transformer.h.1.attn.c_attn"][0] == "dense"
+    assert d["summary"]["eligible_fraction"] <= 0.3 + 1e-9
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("colour: red\n", "unknown key 'colour'"),
+        ("types: {mlp: {eligible: maybe}}\n", "expected true or false"),
+        ("rules: [{match: x, density: 3}]\n", "must be in (0, 1]"),
+        ("rules: [{nomatch: x}]\n", "expected a mapping with 'match'"),
+        ("rules: [{match: x, rank: -8}]\n", "rank"),
+        ("rules: [\n", "invalid YAML"),
+    ],
+)
+def test_bad_policy_file(capsys, tmp_path, text, needle):
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(text)
+    rc, _, err = run(capsys, schema_path("gpt2-small"), "--budget", "0.3", "--policy", pol,
+                     "--plan-out", tmp_path / "p.yaml")  # fmt: skip
+    assert rc == 2
+    assert_one_line_error(rc, err, needle, str(pol))
+    assert listing(tmp_path) == ["policy.yaml"]
+
+
+def test_shared_weights_stay_dense_with_the_reason(capsys):
+    d = run_json(
+        capsys, schema_path("gpt2-small"), "--budget", "0.3", "--set", "types.head.eligible=true"
+    )
+    assert reasons(d)["lm_head"] == ("dense", "weight shared with transformer.wte")
+
+
+def test_small_and_misaligned_layers_stay_dense_with_reasons(capsys, tmp_path):
+    s = tmp_path / "s.yaml"
+    s.write_text(
+        "version: 1\nname: s\ngemms:\n"
+        "- {name: big, type: mlp, in: 512, out: 2048, rows: 64}\n"
+        "- {name: small, type: mlp, in: 96, out: 512, rows: 64}\n"
+        "- {name: odd, type: mlp, in: 500, out: 512, rows: 64}\n"
+    )
+    r = reasons(run_json(capsys, s, "--budget", "0.3"))
+    assert r["big"][0] == "sparse"
+    assert r["small"] == ("dense", "under 4 blocks of 32 on a side")
+    assert r["odd"] == ("dense", "'in'=500 is not a multiple of block 32")
+    mixer = reasons(run_json(capsys, schema_path("mixer-b16"), "--budget", "0.3"))
+    assert mixer["blocks.0.mlp_tokens.fc1"] == ("dense", "'in'=196 is not a multiple of block 32")
+
+
+# -- strict, json, draw -----------------------------------------------------------------------
+def test_strict(capsys, tmp_path):
+    rc, out, err = run(capsys, schema_path("gpt2-small"), "--budget", "0.01", "--strict",
+                       *outputs(tmp_path))  # fmt: skip
+    assert_one_line_error(rc, err, "not attainable", "0.083")
+    assert listing(tmp_path) == []
+    rc, out, err = run(capsys, schema_path("gpt2-small"), "--budget", "0.3", "--strict")
+    assert rc == 0 and err == ""
+    # without --strict the same budget is a report line, not an error
+    rc, out, err = run(capsys, schema_path("gpt2-small"), "--budget", "0.01")
+    assert rc == 0 and "not attainable: the sparsest allowed patterns keep 0.083" in out
+
+
+def test_json_is_valid_with_per_layer_fields(capsys):
+    rc, out, err = run(capsys, schema_path("gpt2-small"), "--budget", "0.3", "--json")
+    assert rc == 0 and err == ""
+    d = json.loads(out)
+    assert d["model"] == "gpt2-small" and d["block"] == 32 and d["budget"] == 0.3
+    for row in d["layers"]:
+        for k in ("name", "type", "in", "out", "rows", "action", "reason", "params",
+                  "sparse_params", "flops", "sparse_flops", "mask_density", "density",
+                  "kept_per_row"):  # fmt: skip
+            assert k in row
+        if row["action"] == "sparse":
+            assert set(row["pattern"]) == {"butterfly", "factors", "pattern_block", "rank"}
+
+
+def test_draw_and_all_outputs(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    rc, out, err = run(capsys, schema_path("mixer-b16"), "--budget", "0.3", *outputs(tmp_path))
+    assert rc == 0, err
+    assert (tmp_path / "out" / "masks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert listing(tmp_path) == ["out", "out/masks.npz", "out/masks.png", "out/plan.yaml"]
+    with np.load(io.BytesIO((tmp_path / "out" / "masks.npz").read_bytes())) as z:
+        assert z.files
+
+
+def test_output_path_is_a_directory(capsys, tmp_path):
+    (tmp_path / "d").mkdir()
+    rc, _, err = run(capsys, schema_path("gpt2-small"), "--budget", "0.3",
+                     "--plan-out", tmp_path / "p.yaml", "--masks-out", tmp_path / "d")  # fmt: skip
+    assert_one_line_error(rc, err, str(tmp_path / "d"))
+    assert listing(tmp_path) == ["d"]
