@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from pxcompile.errors import BudgetNotAttainable, PxError
 from pxcompile.passes.budget import check_args, plan_schema
 from pxcompile.patterns import PatternSpec
-from pxcompile.plan import TOLERANCE, Plan
+from pxcompile.plans import TOLERANCE, Plan
 from pxcompile.policy import Policy
 from pxcompile.schema import Gemm, LayerType, ModelSchema
 
@@ -129,7 +129,7 @@ def plan_or_skip(case: Case, policy: Policy | None = None) -> Plan:
     return plan_schema(case.schema, case.budget, case.block, policy)
 
 
-PROPS = settings(max_examples=70, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPS = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @PROPS
@@ -215,7 +215,7 @@ def test_dense_layers_say_why_and_classes_share_a_pattern(case):
             assert by_shape.setdefault(key, lp.pattern) == lp.pattern
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(cases())
 def test_plan_is_deterministic_and_round_trips(case):
     plan = plan_or_skip(case)

@@ -13,7 +13,7 @@ from rich.console import Console
 from pxcompile import report
 from pxcompile.errors import PxError
 from pxcompile.passes.budget import plan_schema
-from pxcompile.plan import Plan
+from pxcompile.plans import Plan
 from pxcompile.policy import Policy
 from pxcompile.schema import Gemm, LayerType, ModelSchema
 

@@ -1,4 +1,4 @@
-"""Tests for pxcompile.plan: the Plan as plain data, hand edits, loading and fitting."""
+"""Tests for pxcompile.plans: the Plan as plain data, hand edits, loading and fitting."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import yaml
 from pxcompile.errors import PlanError, PxError
 from pxcompile.passes.budget import plan_schema
 from pxcompile.patterns import PatternSpec, block_mask
-from pxcompile.plan import PLAN_VERSION, LayerPlan, Plan
+from pxcompile.plans import PLAN_VERSION, LayerPlan, Plan
 from pxcompile.schema import Gemm, LayerType, ModelSchema
 
 ROOT = Path(__file__).resolve().parents[1]
