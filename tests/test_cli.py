@@ -497,3 +497,18 @@ def test_output_path_is_a_directory(capsys, tmp_path):
                      "--plan-out", tmp_path / "p.yaml", "--masks-out", tmp_path / "d")  # fmt: skip
     assert_one_line_error(rc, err, str(tmp_path / "d"))
     assert listing(tmp_path) == ["d"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="cli._finish formats plan.budget with :g; a plan file without a budget crashes",
+    raises=TypeError,
+)
+def test_strict_with_a_plan_without_budget(capsys, tmp_path):
+    plan = tmp_path / "p.yaml"
+    assert run(capsys, schema_path("gpt2-small"), "--budget", "0.01", "--plan-out", plan)[0] == 0
+    d = yaml.safe_load(plan.read_text())
+    del d["budget"]
+    plan.write_text(yaml.safe_dump(d, sort_keys=False))
+    rc, _, err = run(capsys, schema_path("gpt2-small"), "--plan", plan, "--strict")
+    assert_one_line_error(rc, err, "not attainable")
