@@ -70,7 +70,10 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
         help="fraction of the eligible GEMMs' dense FLOPs to keep, in (0, 1], e.g. 0.3",
     )
     g.add_argument(
-        "--block", type=_block, default=32, help="hardware block size, a power of two (default 32)"
+        "--block",
+        type=_block,
+        default=None,
+        help="hardware block size, a power of two (default 32)",
     )
     g.add_argument(
         "--policy", metavar="FILE", help="policy YAML (see README: Policy), e.g. policy.yaml"
@@ -178,17 +181,29 @@ def _policy(args: argparse.Namespace):
     return pol.with_overrides(args.set).with_dense(args.dense)
 
 
-def _make_plan(args: argparse.Namespace, schema):
-    from .passes.budget import plan_schema
+def load_plan_for(args: argparse.Namespace, schema):
+    """``--plan FILE`` fitted to ``schema``; planning flags don't mix with it."""
     from .plans import Plan
 
+    if args.budget is not None:
+        raise PxError("give --budget or --plan, not both")
+    for flag, val in (("--policy", args.policy), ("--set", args.set), ("--dense", args.dense)):
+        if val:
+            raise PxError(f"{flag} applies to planning, not to --plan: edit the plan instead")
+    plan = Plan.load(args.plan).check_against(schema, args.plan)
+    if args.block is not None and args.block != plan.block:
+        raise PxError(f"--block {args.block} differs from the plan's block {plan.block}")
+    return plan
+
+
+def _make_plan(args: argparse.Namespace, schema):
+    from .passes.budget import plan_schema
+
     if args.plan:
-        if args.budget is not None:
-            raise PxError("give --budget or --plan, not both")
-        return Plan.load(args.plan).check_against(schema, args.plan)
+        return load_plan_for(args, schema)
     if args.budget is None:
         raise PxError("--budget is required (or --plan FILE), e.g. --budget 0.3")
-    return plan_schema(schema, args.budget, args.block, _policy(args), strict=False)
+    return plan_schema(schema, args.budget, args.block or 32, _policy(args), strict=False)
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -229,9 +244,52 @@ def _finish(
     else:
         report.print_plan(plan, report.make_console(), extra_columns)
     if getattr(args, "strict", False) and plan.note:
-        raise PxError(f"budget {plan.budget:g} not attainable: {plan.note}")
+        from .errors import BudgetNotAttainable
+
+        budget = "-" if plan.budget is None else f"{plan.budget:g}"
+        raise BudgetNotAttainable(f"budget {budget} not attainable: {plan.note}")
     report.write_outputs(files)
     return 0
 
 
-SUBCOMMANDS: dict = {}
+def _trace_cmd(argv: list[str]) -> int:
+    p = _Parser(
+        prog="pxcompile trace",
+        description="Trace a model file into a model schema (every GEMM, its type and rows).",
+        epilog="example:\n  pxcompile trace examples/vit.py -o vit.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", help="a model file (.py) defining `model` and `example_inputs`")
+    p.add_argument(
+        "-o", "--output", metavar="FILE", help="write the schema YAML, e.g. -o schema.yaml"
+    )
+    p.add_argument(
+        "--model", default="model", help="name of the nn.Module or factory (default 'model')"
+    )
+    p.add_argument(
+        "--inputs", default="example_inputs", help="name of the inputs (default 'example_inputs')"
+    )
+    p.add_argument("--json", action="store_true", help="print the schema as JSON")
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        from pathlib import Path
+
+        from . import api, report
+        from .io import atomic_write_text
+        from .modelfile import load_model_file
+
+        model, inputs = load_model_file(args.input, args.model, args.inputs)
+        traced = api.trace(model, inputs, name=Path(args.input).stem)
+        if args.json:
+            print(json.dumps(traced.schema.to_dict(), indent=1))
+        else:
+            report.print_schema(traced, report.make_console())
+        if args.output:
+            atomic_write_text(args.output, traced.schema.to_yaml())
+        return 0
+
+    return _guard(run)
+
+
+SUBCOMMANDS: dict = {"trace": _trace_cmd}

@@ -26,7 +26,10 @@ class PolicyError(PxError):
 
 
 class BudgetNotAttainable(PxError):
-    """The budget cannot be met (raised only with ``strict=True``)."""
+    """The budget cannot be met (raised only with ``strict=True``). Exit code 3: the input
+    was valid, the goal was not reached."""
+
+    exit_code = 3
 
 
 class TraceError(PxError):

@@ -27,9 +27,8 @@ def progress_status(enabled: bool = True) -> Iterator:
 
 def compile_model_file(args: argparse.Namespace) -> int:
     from . import api
-    from .cli import _finish, _policy
+    from .cli import _finish, _policy, load_plan_for
     from .modelfile import load_model_file
-    from .plans import Plan
 
     err = make_console(stderr=True)
     with progress_status(not args.json) as progress:
@@ -38,13 +37,11 @@ def compile_model_file(args: argparse.Namespace) -> int:
         progress("tracing")
         traced = api.trace(model, inputs, name=_stem(args.input), progress=progress)
         if args.plan:
-            if args.budget is not None:
-                raise PxError("give --budget or --plan, not both")
-            plan = Plan.load(args.plan).check_against(traced.schema, args.plan)
+            plan = load_plan_for(args, traced.schema)
         else:
             if args.budget is None:
                 raise PxError("--budget is required (or --plan FILE), e.g. --budget 0.3")
-            plan = api._plan_traced(model, traced, args.budget, args.block, _policy(args))
+            plan = api._plan_traced(model, traced, args.budget, args.block or 32, _policy(args))
         progress("rewriting")
         gm = api.apply(model, plan, inputs, traced=traced, init=args.init, progress=progress)
         progress("verifying against the masked-dense reference")

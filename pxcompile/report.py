@@ -221,3 +221,37 @@ def write_outputs(files: dict[str | Path, bytes]) -> None:
         for p in done:
             p.unlink(missing_ok=True)
         raise PxError(f"{path}: cannot write ({e.strerror or type(e).__name__})") from None
+
+
+def print_schema(traced, console: Console | None = None) -> None:
+    """The traced schema as a table: what was found and how the rewrite will reach it."""
+    console = console or make_console()
+    schema = traced.schema
+    t = Table(
+        title=f"{schema.name}: {len(schema.gemms)} GEMMs (traced with {traced.method})",
+        title_justify="left",
+    )
+    for col in ("GEMM", "type", "in", "out", "rows", "calls", "FLOPs", "weight"):
+        t.add_column(
+            col, justify="right" if col in ("in", "out", "rows", "calls", "FLOPs") else "left"
+        )
+    for g in schema.gemms:
+        b = traced.bindings.get(g.name)
+        how = (
+            "-"
+            if b is None
+            else b.kind + (f" (shared with {g.shared_with})" if g.shared_with else "")
+        )
+        t.add_row(
+            g.name,
+            g.type.value,
+            str(g.in_features),
+            str(g.out_features),
+            str(g.rows),
+            str(g.calls),
+            human(g.flops),
+            how,
+        )
+    console.print(t)
+    for note in traced.notes:
+        console.print(f"note: {note}", highlight=False)

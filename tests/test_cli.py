@@ -499,11 +499,6 @@ def test_output_path_is_a_directory(capsys, tmp_path):
     assert listing(tmp_path) == ["d"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli._finish formats plan.budget with :g; a plan file without a budget crashes",
-    raises=TypeError,
-)
 def test_strict_with_a_plan_without_budget(capsys, tmp_path):
     plan = tmp_path / "p.yaml"
     assert run(capsys, schema_path("gpt2-small"), "--budget", "0.01", "--plan-out", plan)[0] == 0
@@ -512,3 +507,20 @@ def test_strict_with_a_plan_without_budget(capsys, tmp_path):
     plan.write_text(yaml.safe_dump(d, sort_keys=False))
     rc, _, err = run(capsys, schema_path("gpt2-small"), "--plan", plan, "--strict")
     assert_one_line_error(rc, err, "not attainable")
+
+
+def test_strict_exit_code_is_3(capsys):
+    rc, _, err = run(capsys, schema_path("gpt2-small"), "--budget", "0.01", "--strict")
+    assert_one_line_error(rc, err, "not attainable")
+    assert rc == 3
+
+
+def test_planning_flags_do_not_mix_with_plan(capsys, tmp_path):
+    plan = tmp_path / "p.yaml"
+    rc, _, err = run(capsys, schema_path("vit-b16"), "--budget", "0.3", "--plan-out", plan)
+    assert rc == 0, err
+    for extra in (["--dense", "x"], ["--set", "rank=8"], ["--block", "64"]):
+        rc, _, err = run(capsys, schema_path("vit-b16"), "--plan", plan, *extra)
+        assert_one_line_error(rc, err, extra[0])
+    rc, _, err = run(capsys, schema_path("vit-b16"), "--plan", plan, "--block", "32")
+    assert rc == 0, err

@@ -93,7 +93,10 @@ Layer types (first rule that matches, on the lower-cased dotted path of the GEMM
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
+import logging
 import math
 import operator
 from collections.abc import Callable
@@ -1408,10 +1411,27 @@ def _strip(path: str) -> str:
     return path[2:] if path.startswith("m.") else path
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs whole graphs when it gives up; our error line says it instead."""
+    loggers = [logging.getLogger(n) for n in ("torch", "torch.export", "torch._dynamo", "torch.fx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    sink = io.StringIO()  # it also prints the graph it gave up on
+    try:
+        with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
 def _export_analyze(
     model: nn.Module, args: tuple, kwargs: dict, params: _Params
 ) -> tuple[list[_Site], list[str]]:
-    ep = torch.export.export(_Flat(model), args, kwargs, strict=False)
+    with _quiet_torch_logs():
+        ep = torch.export.export(_Flat(model), args, kwargs, strict=False)
     in2p = {k: _strip(v) for k, v in ep.graph_signature.inputs_to_parameters.items()}
     gm = ep.graph_module
 

@@ -1,0 +1,127 @@
+"""`pxcompile MODEL.py`: compile, verify, report; user mistakes are one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pxcompile.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MLP = """
+import torch
+from torch import nn
+model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
+example_inputs = (torch.randn(16, 256),)
+"""
+
+
+def write(tmp_path, text: str, name: str = "m.py") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("pxcompile: error: ")
+    return err[0]
+
+
+def test_compile_model_file_json(tmp_path, capsys):
+    p = write(tmp_path, MLP)
+    assert main([str(p), "--budget", "0.3", "--json", "--plan-out", str(tmp_path / "p.yaml")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert 0.28 <= out["summary"]["eligible_fraction"] <= 0.30
+    assert (tmp_path / "p.yaml").exists()
+    # re-apply the plan
+    assert main([str(p), "--plan", str(tmp_path / "p.yaml"), "--json"]) == 0
+
+
+def test_table_and_verification_line(tmp_path, capsys):
+    p = write(tmp_path, MLP)
+    assert main([str(p), "--budget", "0.3"]) == 0
+    cap = capsys.readouterr()
+    assert "init err" in cap.out and "achieved budget" in cap.out
+    assert "verified: max relative output difference" in cap.err
+
+
+def test_untraceable_model(tmp_path, capsys):
+    p = write(
+        tmp_path,
+        """
+        import torch
+        from torch import nn
+        class DataDependent(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(256, 256)
+            def forward(self, x):
+                n = int(x.abs().sum().item()) % 3 + 1
+                for _ in range(n):
+                    x = self.fc(x)
+                return x[: int(x.sum().item() > 0) + 1]
+        model = DataDependent()
+        example_inputs = (torch.randn(4, 256),)
+        """,
+    )
+    assert main([str(p), "--budget", "0.3"]) == 2
+    line = err_line(capsys)
+    assert "YAML schema" in line
+
+
+def test_model_file_that_raises(tmp_path, capsys):
+    p = write(tmp_path, "raise RuntimeError('boom')\n")
+    assert main([str(p), "--budget", "0.3"]) == 2
+    assert "raised RuntimeError: boom" in err_line(capsys)
+
+
+def test_missing_model(tmp_path, capsys):
+    p = write(tmp_path, "example_inputs = ()\n")
+    assert main([str(p), "--budget", "0.3"]) == 2
+    assert "defines no 'model'" in err_line(capsys)
+
+
+def test_inputs_that_do_not_fit(tmp_path, capsys):
+    p = write(tmp_path, MLP.replace("randn(16, 256)", "randn(16, 100)"))
+    assert main([str(p), "--budget", "0.3"]) == 2
+    assert "fails on its example inputs" in err_line(capsys)
+
+
+def test_plan_for_another_model(tmp_path, capsys):
+    a = write(tmp_path, MLP)
+    b = write(tmp_path, MLP.replace("1024", "512"), "b.py")
+    assert main([str(a), "--budget", "0.3", "--plan-out", str(tmp_path / "a.yaml")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "b.px"
+    assert main([str(b), "--plan", str(tmp_path / "a.yaml"), "-o", str(out)]) == 2
+    assert "in the plan but" in err_line(capsys)
+    assert not out.exists()
+
+
+def test_trace_subcommand(tmp_path, capsys):
+    p = write(tmp_path, MLP)
+    out = tmp_path / "s.yaml"
+    assert main(["trace", str(p), "-o", str(out)]) == 0
+    assert "2 GEMMs" in capsys.readouterr().out
+    assert main([str(out), "--budget", "0.3", "--json"]) == 0
+
+
+@pytest.mark.slow
+def test_real_exit_code_and_no_traceback(tmp_path):
+    p = write(tmp_path, "example_inputs = ()\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "pxcompile", str(p), "--budget", "0.3"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
