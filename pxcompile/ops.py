@@ -1,0 +1,244 @@
+"""``torch.ops.pxcompile.pixelfly_linear``: :class:`~pxcompile.layers.PixelflyLinear` as a
+custom operator, so that ``torch.export`` can record a sparse layer as one graph node whose
+inputs are its tensors and whose pattern is a handful of ints (no Python object, no code).
+
+    y = torch.ops.pxcompile.pixelfly_linear(
+        x, blocks, lowrank_u, lowrank_v, bias,
+        in_features, out_features, butterfly, factors, pattern_block, rank)
+
+is exactly ``PixelflyLinear(in_features, out_features, PatternSpec(butterfly, factors,
+pattern_block, rank), bias=bias is not None)`` run on ``x`` with those parameters: the
+implementation builds such a layer once per (shape, pattern, dtype, device, thread), keeps it
+as a *shell*, and calls it through :func:`torch.func.functional_call` with the given tensors,
+so the op runs the very same code (and gives bitwise the same results) as the module.
+
+Autograd: the backward is a second op, ``torch.ops.pxcompile.pixelfly_linear_backward``, that
+recomputes the layer's forward with autograd on and differentiates it (``torch.autograd.grad``);
+being an op, it is one opaque node to anything that traces a backward (``torch.compile``).
+Training through the op therefore costs one extra forward of each sparse layer per step (about
+a third more time in those layers than the module itself, which keeps what its backward
+needs); higher-order gradients are not supported. Memory: each shell holds one (unused) set of
+weights of its shape, so one layer's worth per distinct layer shape, dtype and device.
+
+Importing this module registers the op (``pxcompile.serialize`` imports it; so must anything
+that runs a graph that calls it).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch import Tensor, nn
+
+from .layers import PixelflyLinear
+from .patterns import PatternSpec
+
+__all__ = ["PixelflyOp", "pixelfly_linear", "pixelfly_linear_backward", "spec_args"]
+
+OP_NAME = "pxcompile::pixelfly_linear"
+
+_local = threading.local()
+
+
+def _shell(
+    in_features: int,
+    out_features: int,
+    spec: PatternSpec,
+    bias: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> PixelflyLinear:
+    """A cached layer of this shape, whose parameters are swapped in at each call."""
+    cache = getattr(_local, "shells", None)
+    if cache is None:
+        cache = _local.shells = {}
+    key = (in_features, out_features, spec, bias, dtype, device)
+    layer = cache.get(key)
+    if layer is None:
+        # building a layer draws its (unused) initial weights: leave the caller's RNG alone
+        devs = [device] if device.type != "cpu" else []
+        with torch.random.fork_rng(devices=devs, device_type=device.type):
+            layer = PixelflyLinear(
+                in_features, out_features, spec, bias=bias, device=device, dtype=dtype
+            )
+        layer.requires_grad_(False)
+        cache[key] = layer
+    return layer
+
+
+def _run(x, blocks, lowrank_u, lowrank_v, bias, in_f, out_f, n, f, pb, rank) -> Tensor:
+    spec = PatternSpec(n, f, pb, rank)
+    shell = _shell(in_f, out_f, spec, bias is not None, blocks.dtype, blocks.device)
+    params = {"blocks": blocks}
+    if lowrank_u is not None:
+        params["lowrank_u"] = lowrank_u
+        params["lowrank_v"] = lowrank_v
+    if bias is not None:
+        params["bias"] = bias
+    return torch.func.functional_call(shell, params, (x,))
+
+
+def _fresh(outs: list[Tensor], inputs) -> list[Tensor]:
+    """An op's outputs may not share memory with its inputs or with each other: copy those
+    that do (a layer's backward may hand back, say, its incoming gradient as is)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    fresh = []
+    for t in outs:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        seen.add(ptr)
+        fresh.append(t)
+    return fresh
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def pixelfly_linear(
+    x: Tensor,
+    blocks: Tensor,
+    lowrank_u: Tensor | None,
+    lowrank_v: Tensor | None,
+    bias: Tensor | None,
+    in_features: int,
+    out_features: int,
+    butterfly: int,
+    factors: int,
+    pattern_block: int,
+    rank: int,
+) -> Tensor:
+    """``PixelflyLinear`` with the given parameters, as one operator (see the module doc)."""
+    with torch.no_grad():
+        y = _run(
+            x,
+            blocks,
+            lowrank_u,
+            lowrank_v,
+            bias,
+            in_features,
+            out_features,
+            butterfly,
+            factors,
+            pattern_block,
+            rank,
+        )
+    return _fresh([y], (x, blocks, lowrank_u, lowrank_v, bias))[0]
+
+
+@pixelfly_linear.register_fake
+def _(x, blocks, lowrank_u, lowrank_v, bias, in_features, out_features, *rest):
+    torch._check(x.shape[-1] == in_features, lambda: f"expected last dim {in_features}")
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+def _autograd_on():
+    """Re-enable autograd dispatch inside an op's kernel (the dispatcher turns it off below
+    the autograd key) so that the backward kernel can differentiate the recomputed forward."""
+    keys = torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality)
+    return torch._C._ForceDispatchKeyGuard(
+        torch._C._dispatch_tls_local_include_set(),
+        torch._C._dispatch_tls_local_exclude_set() - keys,
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, blocks, u, v, bias, *cfg = inputs
+    ctx.save_for_backward(x, blocks, u, v, bias)
+    ctx.cfg = tuple(cfg)
+
+
+@torch.library.custom_op(OP_NAME + "_backward", mutates_args=())
+def pixelfly_linear_backward(
+    grad: Tensor,
+    x: Tensor,
+    blocks: Tensor,
+    lowrank_u: Tensor | None,
+    lowrank_v: Tensor | None,
+    bias: Tensor | None,
+    in_features: int,
+    out_features: int,
+    butterfly: int,
+    factors: int,
+    pattern_block: int,
+    rank: int,
+    wanted: int,
+) -> list[Tensor]:
+    """Gradients of ``pixelfly_linear`` with respect to its inputs (``x, blocks, u, v, bias``)
+    whose bit is set in ``wanted``, in that order: the forward recomputed with autograd on.
+    An op of its own so that tracing a backward (aot autograd) sees one opaque node."""
+    cfg = (in_features, out_features, butterfly, factors, pattern_block, rank)
+    tensors = (x, blocks, lowrank_u, lowrank_v, bias)
+    with _autograd_on(), torch.enable_grad():
+        leaves = [
+            None if t is None else t.detach().requires_grad_(bool(wanted >> i & 1))
+            for i, t in enumerate(tensors)
+        ]
+        y = _run(*leaves, *cfg)
+        want = [t for i, t in enumerate(leaves) if wanted >> i & 1]
+        if not want:
+            return []
+        grads = torch.autograd.grad(y, want, grad, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, want)]
+    return _fresh(grads, (grad, *tensors))
+
+
+@pixelfly_linear_backward.register_fake
+def _(grad, x, blocks, lowrank_u, lowrank_v, bias, *cfg_and_wanted):
+    wanted = cfg_and_wanted[-1]
+    tensors = (x, blocks, lowrank_u, lowrank_v, bias)
+    return [torch.empty_like(t) for i, t in enumerate(tensors) if wanted >> i & 1]
+
+
+def _backward(ctx, grad):
+    tensors = ctx.saved_tensors
+    wanted = 0
+    for i, (t, need) in enumerate(zip(tensors, ctx.needs_input_grad[:5])):
+        if t is not None and need:
+            wanted |= 1 << i
+    got = iter(
+        torch.ops.pxcompile.pixelfly_linear_backward(grad, *tensors, *ctx.cfg, wanted)
+        if wanted
+        else ()
+    )
+    grads = [next(got) if wanted >> i & 1 else None for i in range(5)]
+    return (*grads, *([None] * len(ctx.cfg)))
+
+
+pixelfly_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def spec_args(layer: PixelflyLinear) -> tuple[int, int, int, int, int, int]:
+    """The op's int arguments for ``layer``."""
+    s = layer.spec
+    return (
+        int(layer.in_features),
+        int(layer.out_features),
+        int(s.butterfly),
+        int(s.factors),
+        int(s.pattern_block),
+        int(s.rank),
+    )
+
+
+class PixelflyOp(nn.Module):
+    """Calls the op with a PixelflyLinear's own parameters (shared, not copied): the stand-in
+    for the layer when a model is exported."""
+
+    def __init__(self, layer: PixelflyLinear) -> None:
+        super().__init__()
+        self.blocks = layer.blocks
+        self.lowrank_u = layer.lowrank_u
+        self.lowrank_v = layer.lowrank_v
+        self.bias = layer.bias
+        self.cfg = spec_args(layer)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.pxcompile.pixelfly_linear(
+            x, self.blocks, self.lowrank_u, self.lowrank_v, self.bias, *self.cfg
+        )
+
+    def extra_repr(self) -> str:
+        return "in={}, out={}, butterfly={}, factors={}, pattern_block={}, rank={}".format(
+            *self.cfg
+        )

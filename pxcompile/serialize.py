@@ -1,0 +1,934 @@
+"""Save a compiled model to one file and load it back: ``pxcompile.save`` / ``pxcompile.load``.
+
+    >>> gm = pxcompile.sparsify(model, 0.3, example_inputs=(x,))     # doctest: +SKIP
+    >>> pxcompile.save(gm, "model.pxc", example_inputs=(x,))          # doctest: +SKIP
+    >>> m = pxcompile.load("model.pxc")                               # doctest: +SKIP
+    >>> torch.equal(m(x), gm.eval()(x))                               # doctest: +SKIP
+    True
+
+The file alone gives back a runnable module: it holds the graph, the plan and the weights.
+Loading never unpickles anything and never runs code taken from the file. Loading needs
+pxcompile (and a compatible torch) installed: the sparse layers are the custom operator
+``torch.ops.pxcompile.pixelfly_linear`` (:mod:`pxcompile.ops`), whose code comes from the
+installed pxcompile, never from the file.
+
+What is saved
+-------------
+:func:`save` deep-copies the module, puts it in eval mode, stands each
+:class:`~pxcompile.layers.PixelflyLinear` in for one call of the custom op (same parameters,
+pattern as ints), and exports it with :func:`torch.export.export`, the first (batch) dimension
+of every tensor input dynamic (the example batch must be at least 2 for that; otherwise, or if
+the model specialises on its batch, the graph is static and ``dynamic_batch`` is false). The
+exported graph is therefore the module's computation *in eval mode*: dropout is off and
+batch-norm uses its running statistics, whatever mode the loaded module is later put in.
+
+File format (a zip archive, version 1)
+--------------------------------------
+* ``pxcompile.json``: the header: ``format`` (``"pxcompile-model"``), ``version``, the
+  pxcompile and torch versions that wrote it, ``plan`` (the plan YAML, or null), ``layers``
+  (GEMM name -> submodule path), ``inputs`` (the example inputs' structure: dtype and shape
+  of each tensor, value of each plain scalar), ``dynamic_batch``, ``byteorder`` and ``tensors``:
+  one entry per tensor with its ``name``, ``kind`` (``parameter``, ``buffer`` or ``constant``),
+  ``dtype``, ``shape``, ``requires_grad``, and either ``entry`` (the archive member holding its
+  raw bytes, C-contiguous, in ``byteorder``) or ``alias`` (the name of the tensor it shares).
+* ``program.json``: the exported program's graph in torch.export's JSON schema
+  (``torch._export.serde``), node metadata left out.
+* ``tensors/<i>``: raw tensor bytes, stored uncompressed.
+
+Safety
+------
+:func:`load` reads JSON and raw bytes only (``json``, ``yaml.safe_load``, tensors filled from
+bytes): no ``pickle``, no ``torch.load``. Before torch's deserializer sees the program, every
+field that could reach code is checked: each graph node must call an operator of the ``aten``,
+``prims`` or ``pxcompile`` namespace (or one of the few symbolic-shape Python operators export
+emits: ``operator.getitem``, ``operator.add``, ``torch.sym_max``, ...); sub-graphs, operator
+arguments, script objects, tokens and guard code are refused; every name must be an
+identifier and every parameter path a dotted one (names end up in generated Python source);
+every symbolic-shape expression must parse to arithmetic on shape symbols and an allow-list of
+sympy / torch shape functions (sympy evaluates these strings). The module is built with
+``ep.module(check_guards=False)``, so no guard code is generated either. A file that fails a
+check raises :class:`UnsafeFileError`.
+
+What this does *not* protect against: a file whose allowed operators are wired to compute
+something else than the original model (the file is a program, if a restricted one), and
+resource exhaustion by a very large file. Treat model files like any other input.
+
+Limitations
+-----------
+* The model must be exportable by ``torch.export`` (no data-dependent Python control flow,
+  outputs a pytree of tensors) and may call only aten/prims operators and the sparse layers.
+* The loaded module runs the graph as exported, in eval mode (see above), on the device the
+  tensors are moved to; a graph that created tensors on a fixed device at export time keeps
+  that device. Tensors are loaded on the CPU.
+* Training through the loaded module works, but each sparse layer's backward recomputes its
+  forward (see :mod:`pxcompile.ops`); for serious fine-tuning, rebuild onto the architecture
+  with ``load(path, model=...)``, which gives back real PixelflyLinear layers.
+* Inputs / outputs of library container types (e.g. Hugging Face ``ModelOutput``) need the
+  module defining the type imported before loading (loading never imports it; the error
+  names it).
+* The graph is in torch.export's schema: a torch whose export schema has another major version
+  refuses the file (the error says which torch wrote it).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import inspect
+import json
+import operator
+import re
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from . import __version__
+from .errors import ModelFileError, PlanError, PxError
+from .io import atomic_write
+from .layers import PixelflyLinear
+from .ops import PixelflyOp
+from .plans import Plan
+
+__all__ = ["ExportError", "LoadedModel", "UnsafeFileError", "load", "save"]
+
+FORMAT = "pxcompile-model"
+FORMAT_VERSION = 1
+HEADER = "pxcompile.json"
+PROGRAM = "program.json"
+
+_MAX_JSON_BYTES = 512 << 20  # a header / program bigger than this is not ours
+
+
+class UnsafeFileError(ModelFileError):
+    """A model file asks for something loading never does (foreign ops, code, objects)."""
+
+
+class ExportError(PxError):
+    """A module could not be exported to a model file."""
+
+
+# ------------------------------------------------------------------------------------------
+# tensors as raw bytes
+# ------------------------------------------------------------------------------------------
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+        torch.complex64,
+        torch.complex128,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
+_DTYPE_NAMES = {dt: name for name, dt in _DTYPES.items()}
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().to("cpu").contiguous()
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def _read_tensor(zf: zipfile.ZipFile, path: str, info: dict) -> torch.Tensor:
+    name = info["name"]
+    dtype = _DTYPES.get(info.get("dtype"))
+    shape = info.get("shape")
+    if dtype is None:
+        raise ModelFileError(
+            f"{path}: corrupt file: tensor {name!r} has an unknown dtype {info.get('dtype')!r}"
+        )
+    if not isinstance(shape, list) or not all(_is_int(s) and 0 <= s < 1 << 48 for s in shape):
+        raise ModelFileError(f"{path}: corrupt file: tensor {name!r} has a bad shape")
+    numel = 1
+    for s in shape:
+        numel *= s
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = numel * itemsize
+    entry = info.get("entry")
+    try:
+        zinfo = zf.getinfo(entry)
+    except (KeyError, TypeError):
+        raise ModelFileError(f"{path}: corrupt file: no data for tensor {name!r}") from None
+    if zinfo.file_size != nbytes:
+        raise ModelFileError(
+            f"{path}: corrupt file: tensor {name!r} has {zinfo.file_size} bytes, expected {nbytes}"
+        )
+    raw = torch.empty(nbytes, dtype=torch.uint8)
+    buf = memoryview(raw.numpy())
+    with zf.open(zinfo) as f:
+        got = 0
+        while got < nbytes:
+            n = f.readinto(buf[got:])
+            if not n:
+                break
+            got += n
+        if got != nbytes or f.read(1):  # reading to the end also checks the CRC
+            raise ModelFileError(f"{path}: corrupt file: tensor {name!r} is truncated")
+    return raw.view(dtype).reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------
+# example inputs
+# ------------------------------------------------------------------------------------------
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, tuple | list):
+        return tuple(example_inputs), {}
+    return (example_inputs,), {}
+
+
+def _input_spec(value: Any) -> dict | None:
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in _DTYPE_NAMES:
+            return None
+        return {"tensor": {"dtype": _DTYPE_NAMES[value.dtype], "shape": list(value.shape)}}
+    if value is None or isinstance(value, bool | int | float | str):
+        return {"value": value}
+    return None
+
+
+def _inputs_spec(args: tuple, kwargs: dict) -> dict | None:
+    a = [_input_spec(v) for v in args]
+    k = {n: _input_spec(v) for n, v in kwargs.items()}
+    if any(s is None for s in a) or any(s is None for s in k.values()):
+        return None  # structure we do not describe: load(model=...) then needs inputs
+    return {"args": a, "kwargs": k}
+
+
+def _inputs_from_spec(spec: Any, path: str) -> Any:
+    def one(s):
+        if not isinstance(s, dict):
+            raise ValueError
+        if "tensor" in s:
+            dtype = _DTYPES[s["tensor"]["dtype"]]
+            shape = s["tensor"]["shape"]
+            if not all(_is_int(d) and 0 <= d < 1 << 31 for d in shape):
+                raise ValueError
+            return torch.zeros(shape, dtype=dtype)
+        v = s["value"]
+        if v is not None and not isinstance(v, bool | int | float | str):
+            raise ValueError
+        return v
+
+    if spec is None:
+        raise PxError(
+            f"{path}: the file does not describe its example inputs: pass example_inputs= "
+            "to load(path, model=...)"
+        )
+    try:
+        args = tuple(one(s) for s in spec["args"])
+        kwargs = {str(n): one(s) for n, s in spec["kwargs"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ModelFileError(f"{path}: corrupt file: bad input description") from None
+    return kwargs if kwargs and not args else args
+
+
+# ------------------------------------------------------------------------------------------
+# save
+# ------------------------------------------------------------------------------------------
+
+
+def _op_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` in eval mode, each PixelflyLinear stood in for by the op."""
+    m = copy.deepcopy(module)
+    if isinstance(m, PixelflyLinear):
+        return PixelflyOp(m).eval()
+    for name, sub in list(m.named_modules(remove_duplicate=False)):
+        if isinstance(sub, PixelflyLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(m.get_submodule(parent), child, PixelflyOp(sub))
+    return m.eval()
+
+
+def _dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    auto = getattr(torch.export.Dim, "AUTO", None) or torch.export.Dim("batch")
+
+    def dims(v):
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] >= 2:
+            return {0: auto}
+        return None
+
+    try:  # by parameter name: also right for ``forward(*args, **kwargs)``
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return pytree.tree_map(dims, args) if not kwargs else None
+    return {n: pytree.tree_map(dims, v) for n, v in bound.arguments.items()}
+
+
+def _export(module: nn.Module, args: tuple, kwargs: dict):
+    """(exported program, dynamic batch?)"""
+    try:
+        ep = torch.export.export(
+            module, args, kwargs, dynamic_shapes=_dynamic_shapes(module, args, kwargs)
+        )
+    except Exception:
+        ep = None
+    if ep is None:
+        try:
+            ep = torch.export.export(module, args, kwargs)
+        except Exception as e:
+            raise ExportError(f"torch.export could not export the model: {_one_line(e)}") from e
+    dynamic = False
+    for spec, node in zip(ep.graph_signature.input_specs, ep.graph.find_nodes(op="placeholder")):
+        val = node.meta.get("val")
+        if spec.kind.name == "USER_INPUT" and isinstance(val, torch.Tensor) and val.dim() >= 1:
+            dynamic |= isinstance(val.shape[0], torch.SymInt)
+    return ep, dynamic
+
+
+def save(module: nn.Module, path: str | Path, example_inputs: Any = None) -> None:
+    """Write ``module`` (typically the GraphModule ``pxcompile.sparsify`` returns) to ``path``.
+
+    ``example_inputs`` (a tensor, a tuple of positional inputs or a dict of keyword inputs)
+    drive the export; their first dimension is made dynamic (give a batch of at least 2).
+    Without them, the inputs ``sparsify`` stored on the module (``pxcompile_example_inputs``)
+    are used. The module itself is not changed (it is deep-copied and exported in eval mode).
+
+    Raises :class:`ExportError` if torch.export cannot capture the model, and
+    :class:`~pxcompile.errors.PxError` without example inputs.
+    """
+    if not isinstance(module, nn.Module):
+        raise PxError(f"save: expected an nn.Module, got {type(module).__name__}")
+    if example_inputs is None:
+        example_inputs = getattr(module, "pxcompile_example_inputs", None)
+    if example_inputs is None:
+        raise PxError(
+            f"save: {type(module).__name__} has no stored example inputs: pass example_inputs= "
+            "(a tensor or a tuple of the forward's inputs)"
+        )
+    args, kwargs = _split_inputs(example_inputs)
+    plan = getattr(module, "pxcompile_plan", None)
+    layers = getattr(module, "pxcompile_layers", None) or {}
+
+    ep, dynamic = _export(_op_copy(module), args, kwargs)
+    where = f"save: {type(module).__name__}"
+    _check_fx_graph(ep.graph, where, ExportError)
+    program = _program_json(ep)
+    try:  # never write a file that load() would refuse
+        _check_program(json.loads(program))
+    except (_Unsafe, _Unregistered) as e:
+        raise ExportError(f"{where}: the exported graph has {e}, which a model file may not") from e
+
+    tensors: list[dict] = []
+    blobs: list[tuple[str, torch.Tensor]] = []
+    seen: dict[tuple, str] = {}
+    params = set(ep.graph_signature.parameters)
+    items = [(n, t, "parameter" if n in params else "buffer") for n, t in ep.state_dict.items()]
+    items += [(n, t, "constant") for n, t in ep.constants.items()]
+    for name, t, kind in items:
+        if not isinstance(t, torch.Tensor):
+            raise ExportError(f"save: {name!r} is a {type(t).__name__}, not a tensor")
+        if t.dtype not in _DTYPE_NAMES or t.layout != torch.strided or t.is_quantized:
+            raise ExportError(f"save: tensor {name!r} ({t.dtype}, {t.layout}) is not supported")
+        info = {
+            "name": name,
+            "kind": kind,
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "requires_grad": bool(t.requires_grad),
+        }
+        key = (
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            tuple(t.stride()),
+            t.dtype,
+            t.device,
+        )
+        if t.numel() and key in seen:  # tied weights stay tied
+            info["alias"] = seen[key]
+        else:
+            seen[key] = name
+            info["entry"] = f"tensors/{len(blobs)}"
+            blobs.append((info["entry"], t))
+        tensors.append(info)
+
+    header = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "pxcompile_version": __version__,
+        "torch_version": torch.__version__,
+        "plan": plan.to_yaml() if isinstance(plan, Plan) else None,
+        "layers": {str(k): str(v) for k, v in layers.items()},
+        "inputs": _inputs_spec(args, kwargs),
+        "dynamic_batch": dynamic,
+        "byteorder": sys.byteorder,
+        "tensors": tensors,
+    }
+
+    def write(tmp: str) -> None:
+        with zipfile.ZipFile(tmp, "w") as zf:
+            zf.writestr(HEADER, json.dumps(header, indent=1), zipfile.ZIP_DEFLATED)
+            zf.writestr(PROGRAM, program, zipfile.ZIP_DEFLATED)
+            for entry, t in blobs:
+                data = _tensor_bytes(t)
+                info = zipfile.ZipInfo(entry, date_time=(1980, 1, 1, 0, 0, 0))
+                info.file_size = data.nbytes  # lets zipfile switch to zip64 when it must
+                with zf.open(info, "w") as f:
+                    f.write(data)
+
+    atomic_write(path, write)
+
+
+def _program_json(ep) -> bytes:
+    from torch._export.serde import serialize as serde
+
+    try:
+        art = serde.serialize(
+            ep,
+            serialize_state_dict=False,
+            serialize_constants=False,
+            serialize_example_inputs=False,
+        )
+    except TypeError:  # older torch: pickles the weights too; we keep only the graph
+        art = serde.serialize(ep)
+    except Exception as e:
+        raise ExportError(f"save: could not serialize the exported graph: {_one_line(e)}") from e
+    d = json.loads(art.exported_program)
+    _strip_metadata(d)
+    d["guards_code"] = []
+    return json.dumps(d, separators=(",", ":")).encode()
+
+
+def _strip_metadata(d: dict) -> None:
+    gm = d.get("graph_module")
+    if isinstance(gm, dict):
+        if "metadata" in gm:
+            gm["metadata"] = {}
+        graph = gm.get("graph")
+        if isinstance(graph, dict) and isinstance(graph.get("nodes"), list):
+            for node in graph["nodes"]:
+                if isinstance(node, dict):
+                    node["metadata"] = {}
+
+
+# ------------------------------------------------------------------------------------------
+# checks on the program (before torch's deserializer sees it)
+# ------------------------------------------------------------------------------------------
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_FQN_PART = re.compile(r"[A-Za-z0-9_]+\Z")
+_OP = re.compile(
+    r"torch\.ops\.(aten|prims|pxcompile)\."
+    r"((?!__)[A-Za-z_][A-Za-z0-9_]*|__i?(and|or|xor|lshift|rshift)__)"  # aten's few dunder ops
+    r"\.(?!_)[A-Za-z0-9_]+\Z"
+)
+_PY_OPS = {
+    "_operator.getitem": operator.getitem,
+    **{
+        f"_operator.{n}": getattr(operator, n)
+        for n in (
+            "add sub mul floordiv truediv mod pow neg pos eq ne lt le gt ge and_ or_ lshift rshift"
+        ).split()
+    },
+    "math.trunc": __import__("math").trunc,
+    **{
+        f"torch.{n}": getattr(torch, n)
+        for n in "sym_int sym_float sym_not sym_ite sym_max sym_min sym_sqrt".split()
+        if hasattr(torch, n)
+    },
+}
+_OP_NAMESPACES = {"aten", "prims", "pxcompile"}
+_FORBIDDEN = {
+    "as_graph": "a sub-graph (higher-order operator)",
+    "as_operator": "an operator as an argument",
+    "as_custom_obj": "a script object",
+    "custom_obj": "a script object",
+    "token": "an effect token",
+    "as_int_lists": "a kernel grid",
+    "as_float_lists": "a kernel argument",
+    "as_nested_tensors": "a nested tensor list",
+}
+_NAME_KEYS = {"name", "as_name", "user_input_name"}
+_FQN_KEYS = {"parameter_name", "buffer_name", "tensor_constant_name", "fqn"}
+# names a shape expression may use (sympy evaluates these strings)
+_SYMBOL = re.compile(r"(s|u|d|zf|zuf|ps|c|q|f|i)[0-9]+\Z")
+_EXPR_FUNCS = set(
+    "Symbol Integer Float Rational Add Mul Max Min Abs Eq Ne Lt Le Gt Ge StrictLessThan "
+    "StrictGreaterThan LessThan GreaterThan Equality Unequality And Or Not Piecewise ExprCondPair "
+    "FloorDiv ModularIndexing Where PythonMod Mod CleanDiv CeilToInt FloorToInt CeilDiv LShift "
+    "RShift FloatTrueDiv IntTrueDiv IsNonOverlappingAndDenseIndicator TruncToFloat TruncToInt "
+    "RoundToInt RoundDecimal ToFloat Identity".split()
+)
+_EXPR_CONSTS = set(
+    "true false True False oo Infinity NegativeInfinity Zero One NegativeOne".split()
+)
+_EXPR_OPS = (
+    ast.Add,
+    ast.Sub,
+    ast.Mult,
+    ast.Div,
+    ast.FloorDiv,
+    ast.Mod,
+    ast.USub,
+    ast.UAdd,
+    ast.Not,
+    ast.Invert,
+    ast.BitAnd,
+    ast.BitOr,
+    ast.And,
+    ast.Or,
+    ast.Eq,
+    ast.NotEq,
+    ast.Lt,
+    ast.LtE,
+    ast.Gt,
+    ast.GtE,
+)
+_NUMBER = re.compile(r"-?[0-9]{1,40}(\.[0-9]{1,40})?([eE][-+]?[0-9]{1,4})?\Z")
+
+
+class _Unsafe(Exception):
+    pass
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_expr(s: Any) -> None:
+    """A symbolic-shape expression must be plain arithmetic on shape symbols."""
+    if not isinstance(s, str) or len(s) > 4096:
+        raise _Unsafe("a shape expression that is not a short string")
+    try:
+        tree = ast.parse(s, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        raise _Unsafe(f"a shape expression that does not parse: {s[:60]!r}") from None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Expression | ast.Load | ast.keyword | ast.Tuple) or isinstance(
+            node, _EXPR_OPS
+        ):
+            continue
+        if isinstance(node, ast.BinOp | ast.UnaryOp | ast.BoolOp | ast.Compare):
+            continue  # operators themselves are walked (and checked) as their own nodes
+        if isinstance(node, ast.Name):
+            if node.id in _EXPR_FUNCS or node.id in _EXPR_CONSTS or _SYMBOL.match(node.id):
+                continue
+            raise _Unsafe(f"the name {node.id!r} in a shape expression")
+        if isinstance(node, ast.Call):
+            if not isinstance(node.func, ast.Name) or node.func.id not in _EXPR_FUNCS:
+                raise _Unsafe("a call to something else than a shape function")
+            for kw in node.keywords:
+                if kw.arg is None or not re.fullmatch(r"[a-z_]{1,32}", kw.arg):
+                    raise _Unsafe("a keyword argument in a shape expression")
+            continue
+        if isinstance(node, ast.Constant):
+            v = node.value
+            if isinstance(v, bool) or v is None:
+                continue
+            if _is_int(v) and abs(v) < 1 << 64:
+                continue
+            if isinstance(v, float):
+                continue
+            if isinstance(v, str) and (_SYMBOL.match(v) or _NUMBER.match(v)):
+                continue
+            raise _Unsafe(f"the constant {str(v)[:40]!r} in a shape expression")
+        raise _Unsafe(f"{type(node).__name__} in a shape expression")
+
+
+def _check_ident(v: Any, what: str) -> None:
+    if not isinstance(v, str) or not _IDENT.match(v) or v.startswith("__"):
+        raise _Unsafe(f"{what} {str(v)[:60]!r} that is not an identifier")
+
+
+def _check_fqn(v: Any, what: str) -> None:
+    if v == "" and what == "module path":
+        return
+    if not isinstance(v, str) or len(v) > 1000:
+        raise _Unsafe(f"a {what} that is not a string")
+    for part in v.split("."):
+        if not _FQN_PART.match(part) or part.startswith("__"):
+            raise _Unsafe(f"the {what} {v[:60]!r}")
+
+
+def _walk(obj: Any, depth: int = 0) -> None:
+    if depth > 200:
+        raise _Unsafe("nesting too deep")
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in _FORBIDDEN:
+                raise _Unsafe(_FORBIDDEN[k])
+            if k == "expr_str":
+                _check_expr(v)
+            elif k in _NAME_KEYS:
+                if v is not None:
+                    _check_ident(v, "a name")
+            elif k in _FQN_KEYS:
+                _check_fqn(v, "module path" if k == "fqn" else "parameter path")
+            elif k == "metadata":
+                continue  # dropped
+            _walk(v, depth + 1)
+    elif isinstance(obj, list):
+        for v in obj:
+            _walk(v, depth + 1)
+
+
+class _Unregistered(Exception):
+    pass
+
+
+def _check_treespec(spec: Any) -> None:
+    """Input / output structures may only use container types registered with pytree (a
+    look-up; nothing is imported)."""
+    known = getattr(pytree, "SERIALIZED_TYPE_TO_PYTHON_TYPE", None)
+    stack = [spec[1] if isinstance(spec, list) and len(spec) == 2 else spec]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            raise ValueError("bad tree spec")
+        t = node.get("type")
+        if t is not None:
+            if not isinstance(t, str):
+                raise ValueError("bad tree spec")
+            if known is not None and t not in known:
+                raise _Unregistered(t)
+        stack.extend(node.get("children_spec") or [])
+
+
+def _check_program(d: Any) -> dict:
+    """Checks the program JSON (see the module doc) and drops what loading never needs."""
+    if not isinstance(d, dict) or not isinstance(d.get("graph_module"), dict):
+        raise ValueError("no graph module")
+    gm = d["graph_module"]
+    graph = gm.get("graph")
+    if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list):
+        raise ValueError("no graph")
+    if d.get("guards_code"):
+        raise _Unsafe("guard code")
+    if graph.get("custom_obj_values"):
+        raise _Unsafe("script objects")
+    for inp in graph.get("inputs") or []:
+        if not isinstance(inp, dict) or len(inp) != 1:
+            raise ValueError("bad graph input")
+        kind = next(iter(inp))
+        if kind not in ("as_tensor", "as_sym_int", "as_int", "as_float", "as_bool", "as_none"):
+            raise _Unsafe(f"a graph input of kind {kind!r}")
+    for node in graph["nodes"]:
+        if not isinstance(node, dict):
+            raise ValueError("bad node")
+        target = node.get("target")
+        if not isinstance(target, str) or not (_OP.match(target) or target in _PY_OPS):
+            raise _Unsafe(f"the operator {str(target)[:80]!r}")
+    for key in ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values"):
+        for name in (graph.get(key) or {}).keys():
+            _check_ident(name, "a value name")
+    for name in (d.get("range_constraints") or {}).keys():
+        if not _SYMBOL.match(name):
+            raise _Unsafe(f"the shape symbol {name[:40]!r}")
+    for entry in gm.get("module_call_graph") or []:
+        sig = entry.get("signature") if isinstance(entry, dict) else None
+        if isinstance(sig, dict):
+            for name in sig.get("forward_arg_names") or []:
+                _check_ident(name, "an argument name")
+            for key in ("in_spec", "out_spec"):
+                if not isinstance(sig.get(key), str):
+                    raise ValueError("bad tree spec")
+                _check_treespec(json.loads(sig[key]))
+    for type_name, fields in (gm.get("treespec_namedtuple_fields") or {}).items():
+        _check_fqn(type_name, "type name")
+        for f in (fields or {}).get("field_names") or []:
+            _check_ident(f, "a field name")
+    _walk(d)
+    _strip_metadata(d)
+    d["guards_code"] = []
+    return d
+
+
+def _check_fx_graph(graph: fx.Graph, where: str, error: type[PxError]) -> None:
+    """Every node of the (deserialized or exported) graph calls an allowed operator."""
+    allowed_py = set(_PY_OPS.values())
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op != "call_function":
+            raise error(f"{where}: the graph has a {node.op} node ({node.target})")
+        t = node.target
+        if isinstance(t, torch._ops.OpOverload):
+            if t.namespace not in _OP_NAMESPACES:
+                raise error(
+                    f"{where}: the graph calls {t}, outside the aten/prims/pxcompile operators "
+                    "a model file may use"
+                )
+        elif t not in allowed_py:
+            raise error(f"{where}: the graph calls {getattr(t, '__name__', t)!r}")
+
+
+# ------------------------------------------------------------------------------------------
+# load
+# ------------------------------------------------------------------------------------------
+
+
+class LoadedModel(nn.Module):
+    """A model loaded from a file: runs the stored graph; a plain ``nn.Module`` otherwise.
+
+    ``parameters()``, ``state_dict()`` (same names as the saved module's), ``to()``,
+    optimizers and ``loss.backward()`` work as usual. ``train()`` / ``eval()`` only set the
+    flag: the graph is the one exported in eval mode, so dropout stays off and batch-norm
+    keeps using its running statistics in either mode.
+
+    Attributes: ``pxcompile_plan`` (the stored :class:`~pxcompile.plans.Plan`, or None),
+    ``pxcompile_layers`` (GEMM name -> path of its sparse layer's parameters),
+    ``pxcompile_dynamic_batch`` (whether the batch dimension is dynamic), ``graph``, ``code``.
+    """
+
+    def __init__(self, program: fx.GraphModule, plan: Plan | None, layers: dict, dynamic: bool):
+        super().__init__()
+        # share the program's parameter / buffer / submodule tables: names, ``to()`` and
+        # ``load_state_dict`` act on the tensors the program runs with
+        object.__setattr__(self, "_program", program)
+        object.__setattr__(self, "_parameters", program._parameters)
+        object.__setattr__(self, "_buffers", program._buffers)
+        object.__setattr__(self, "_modules", program._modules)
+        object.__setattr__(self, "_non_persistent_buffers_set", program._non_persistent_buffers_set)
+        self.pxcompile_plan = plan
+        self.pxcompile_layers = dict(layers)
+        self.pxcompile_dynamic_batch = bool(dynamic)
+        self.eval()
+
+    def forward(self, *args, **kwargs):
+        return self._program(*args, **kwargs)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self._program.graph
+
+    @property
+    def code(self) -> str:
+        return self._program.code
+
+    def extra_repr(self) -> str:
+        n = len(self.pxcompile_layers)
+        return f"sparse_layers={n}, dynamic_batch={self.pxcompile_dynamic_batch}"
+
+
+def _one_line(e: BaseException) -> str:
+    s = str(e).strip() or type(e).__name__
+    s = s.splitlines()[0].strip()
+    return s if len(s) <= 200 else s[:197] + "..."
+
+
+def _read_json(zf: zipfile.ZipFile, entry: str, path: str) -> Any:
+    try:
+        info = zf.getinfo(entry)
+    except KeyError:
+        raise ModelFileError(f"{path}: corrupt file: no {entry}") from None
+    if info.file_size > _MAX_JSON_BYTES:
+        raise ModelFileError(f"{path}: corrupt file: {entry} is too large")
+    return json.loads(zf.read(info).decode("utf-8"))
+
+
+def _read_header(zf: zipfile.ZipFile, path: str) -> dict:
+    if HEADER not in zf.namelist():
+        raise ModelFileError(f"{path}: not a pxcompile model file (no {HEADER})")
+    header = _read_json(zf, HEADER, path)
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a pxcompile model file")
+    v = header.get("version")
+    if not _is_int(v) or v < 1:
+        raise ModelFileError(f"{path}: corrupt file: bad format version {v!r}")
+    if v > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path}: written by a newer pxcompile (format {v}; this one reads {FORMAT_VERSION})"
+        )
+    if header.get("byteorder") != sys.byteorder:
+        raise ModelFileError(f"{path}: written on a {header.get('byteorder')}-endian machine")
+    if not isinstance(header.get("tensors"), list) or not isinstance(
+        header.get("layers", {}), dict
+    ):
+        raise ModelFileError(f"{path}: corrupt file: bad header")
+    return header
+
+
+def _read_tensors(zf: zipfile.ZipFile, header: dict, path: str) -> dict[str, tuple[str, Any]]:
+    """name -> (kind, tensor); parameters come back as nn.Parameter."""
+    out: dict[str, tuple[str, Any]] = {}
+    for info in header["tensors"]:
+        if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+            raise ModelFileError(f"{path}: corrupt file: bad tensor entry")
+        name, kind = info["name"], info.get("kind")
+        if kind not in ("parameter", "buffer", "constant"):
+            raise ModelFileError(f"{path}: corrupt file: tensor {name!r} of kind {kind!r}")
+        try:
+            _check_fqn(name, "tensor name")
+        except _Unsafe as e:
+            raise UnsafeFileError(f"{path}: refused: {e}") from None
+        if name in out:
+            raise ModelFileError(f"{path}: corrupt file: tensor {name!r} twice")
+        if "alias" in info:
+            if info["alias"] not in out:
+                raise ModelFileError(f"{path}: corrupt file: {name!r} aliases an unknown tensor")
+            out[name] = (kind, out[info["alias"]][1])
+            continue
+        t = _read_tensor(zf, path, info)
+        if kind == "parameter":
+            grad = bool(info.get("requires_grad", True)) and (
+                t.is_floating_point() or t.is_complex()
+            )
+            t = nn.Parameter(t, requires_grad=grad)
+        out[name] = (kind, t)
+    return out
+
+
+def _deserialize(program: dict, tensors: dict[str, tuple[str, Any]], path: str):
+    from torch._export.serde import serialize as serde
+
+    state = {n: t for n, (k, t) in tensors.items() if k != "constant"}
+    consts = {n: t for n, (k, t) in tensors.items() if k == "constant"}
+    art = serde.SerializedArtifact(json.dumps(program).encode(), state, consts, b"")
+    try:
+        return serde.deserialize(art)
+    except serde.SerializeError as e:
+        msg = _one_line(e)
+        if "version" in msg:
+            raise ModelFileError(f"{path}: {msg} (written by torch {_torch_of(program)})") from None
+        raise ModelFileError(f"{path}: corrupt file: {msg}") from None
+    except Exception as e:
+        raise ModelFileError(f"{path}: corrupt file: {_one_line(e)}") from None
+
+
+def _torch_of(program: dict) -> str:
+    return str(program.get("torch_version", "?"))
+
+
+def load(path: str | Path, model: nn.Module | None = None, example_inputs: Any = None):
+    """Load a model file written by :func:`save`.
+
+    Without ``model``: a :class:`LoadedModel` that runs the stored graph (in eval mode).
+
+    With ``model`` (the dense architecture the file was compiled from, e.g. a freshly built
+    ``nn.Module``): the stored plan is applied to it (``pxcompile.api.apply(model, plan,
+    example_inputs, init="scratch")``, on a copy) and the stored weights are loaded by name,
+    giving back the same GraphModule ``sparsify`` would, with real PixelflyLinear layers.
+    ``example_inputs`` drive that trace; by default, zeros shaped like the inputs the file was
+    saved with. The result is in eval mode.
+
+    Errors are :class:`~pxcompile.errors.PxError` subclasses with a one-line message:
+    :class:`~pxcompile.errors.ModelFileError` for a missing, foreign, corrupt or too new
+    file, :class:`UnsafeFileError` for one asking for what loading never does, and
+    :class:`~pxcompile.errors.PlanError` for a ``model`` that does not match the file.
+    """
+    path = str(path)
+    if not Path(path).is_file():
+        raise ModelFileError(f"{path}: no such file")
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        with open(path, "rb") as f:
+            damaged = f.read(4) == b"PK\x03\x04"  # a zip archive, cut short or damaged
+        if damaged:
+            raise ModelFileError(
+                f"{path}: corrupt or truncated file (unreadable archive)"
+            ) from None
+        raise ModelFileError(f"{path}: not a pxcompile model file (not a zip archive)") from None
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read: {_one_line(e)}") from None
+    try:
+        with zf:
+            header = _read_header(zf, path)
+            plan = _read_plan(header, path)
+            program = None
+            if model is None:
+                try:
+                    program = _check_program(_read_json(zf, PROGRAM, path))
+                except _Unsafe as e:
+                    raise UnsafeFileError(f"{path}: refused: the graph has {e}") from None
+                except _Unregistered as e:
+                    mod = str(e).rpartition(".")[0] or str(e)
+                    raise ModelFileError(
+                        f"{path}: the model's inputs or outputs are of type {e}, not registered "
+                        f"with torch's pytree here: import {mod} before loading"
+                    ) from None
+            tensors = _read_tensors(zf, header, path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
+        raise ModelFileError(f"{path}: corrupt file: {_one_line(e)}") from None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        raise ModelFileError(f"{path}: corrupt file: {_one_line(e)}") from None
+    if model is not None:
+        return _rebuild(model, plan, header, tensors, example_inputs, path)
+    ep = _deserialize(program, tensors, path)
+    _check_fx_graph(ep.graph, path, UnsafeFileError)
+    try:
+        gm = ep.module(check_guards=False)
+    except TypeError:  # torch without the check_guards switch
+        gm = ep.module()
+    except Exception as e:
+        raise ModelFileError(f"{path}: corrupt file: {_one_line(e)}") from None
+    for attr in ("train", "eval"):  # ep.module() makes these raise; LoadedModel owns them
+        gm.__dict__.pop(attr, None)
+    layers = {str(k): str(v) for k, v in header.get("layers", {}).items()}
+    return LoadedModel(gm, plan, layers, bool(header.get("dynamic_batch")))
+
+
+def _read_plan(header: dict, path: str) -> Plan | None:
+    text = header.get("plan")
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise ModelFileError(f"{path}: corrupt file: bad plan")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ModelFileError(f"{path}: corrupt file: the stored plan is not YAML") from None
+    try:
+        return Plan.from_dict(data, f"{path} (stored plan)")
+    except PlanError as e:
+        raise ModelFileError(f"{path}: corrupt file: {_one_line(e)}") from None
+
+
+def _rebuild(model, plan, header, tensors, example_inputs, path) -> fx.GraphModule:
+    from . import api
+
+    if plan is None:
+        raise PlanError(f"{path}: the file has no plan to apply to a model")
+    if example_inputs is None:
+        example_inputs = _inputs_from_spec(header.get("inputs"), path)
+    with torch.random.fork_rng(devices=[]):  # scratch init: leave the caller's RNG alone
+        try:
+            gm = api.apply(model, plan, example_inputs, init="scratch")
+        except Exception as e:  # the user's model, run on the stored inputs, does not fit
+            raise PlanError(
+                f"{path}: the model does not match the stored plan: {_one_line(e)}"
+            ) from None
+    sd = gm.state_dict()
+    stored = {n: t for n, (k, t) in tensors.items() if k != "constant"}
+    missing = [n for n in sd if n not in stored]
+    extra = [n for n in stored if n not in sd]
+    if missing or extra:
+        what = []
+        if missing:
+            what.append("the file lacks " + _names(missing))
+        if extra:
+            what.append("the model lacks " + _names(extra))
+        raise PlanError(f"{path}: the model does not match the file: {'; '.join(what)}")
+    for n, t in sd.items():
+        s = stored[n]
+        if tuple(s.shape) != tuple(t.shape) or s.dtype != t.dtype:
+            raise PlanError(
+                f"{path}: the model does not match the file: {n!r} is {tuple(t.shape)} "
+                f"{t.dtype} in the model, {tuple(s.shape)} {s.dtype} in the file"
+            )
+    with torch.no_grad():
+        for n, t in sd.items():
+            t.copy_(stored[n])
+    return gm.eval()
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:3])
+    return shown + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
