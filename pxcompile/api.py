@@ -148,6 +148,7 @@ def apply(
     gm.pxcompile_plan = plan.check_against(traced.schema)
     gm.pxcompile_init_errors = res.init_errors
     gm.pxcompile_layers = res.layers
+    gm.pxcompile_example_inputs = example_inputs  # lets save(gm, path) export without inputs
     return gm
 
 

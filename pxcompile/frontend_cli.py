@@ -48,10 +48,8 @@ def compile_model_file(args: argparse.Namespace) -> int:
         diff = api.verify(model, gm, traced, inputs)
         extra_files = {}
         if args.output:
-            from . import serialize
-
-            progress(f"saving {args.output}")
-            extra_files[args.output] = serialize.to_bytes(gm, inputs)
+            progress(f"exporting {args.output}")
+            extra_files[args.output] = _saved_bytes(gm, inputs)
     if diff > VERIFY_TOLERANCE:
         raise PxError(
             f"internal error: the rewrite differs from the masked-dense reference by {diff:.2e}"
@@ -66,6 +64,19 @@ def compile_model_file(args: argparse.Namespace) -> int:
             highlight=False,
         )
     return rc
+
+
+def _saved_bytes(gm, inputs) -> bytes:
+    """The saved model, in memory: outputs are written only once everything succeeded."""
+    import tempfile
+    from pathlib import Path
+
+    from . import serialize
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "model.px"
+        serialize.save(gm, p, inputs)
+        return p.read_bytes()
 
 
 def _stem(path: str) -> str:

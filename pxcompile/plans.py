@@ -172,6 +172,8 @@ class Plan:
             }
             if g.calls != 1:
                 d["calls"] = g.calls
+            if g.bias:
+                d["bias"] = True
             if lp.pattern is None:
                 d["action"] = "dense"
             else:
@@ -316,7 +318,10 @@ def _layer_from_dict(e: Any, i: int, source: str, block: int) -> LayerPlan:
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise PlanError(f"{where}: '{k}' must be a positive integer, got {v!r}")
         vals[k] = v
-    gemm = Gemm(name, ltype, vals["in"], vals["out"], vals["rows"], vals["calls"])
+    bias = e.get("bias", False)
+    if not isinstance(bias, bool):
+        raise PlanError(f"{where}: 'bias' must be true or false, got {bias!r}")
+    gemm = Gemm(name, ltype, vals["in"], vals["out"], vals["rows"], vals["calls"], bias=bias)
     action = e.get("action")
     reason = str(e.get("reason", ""))
     if action == "dense":

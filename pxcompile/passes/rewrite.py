@@ -208,7 +208,11 @@ def _rebuild_fx(
 
 
 def _wrap(target: nn.Module) -> fx.GraphModule:
-    """A GraphModule whose graph calls ``target`` as one module (for models fx can't trace)."""
+    """A GraphModule whose graph calls ``target`` as one module (for models fx can't trace).
+
+    Named parameters are passed by keyword: Hugging Face's forward decorators fill some
+    (``use_cache``) themselves and reject them positionally.
+    """
     g = fx.Graph()
     sig = inspect.signature(target.forward)
     args, kwargs = [], {}
@@ -218,14 +222,12 @@ def _wrap(target: nn.Module) -> fx.GraphModule:
         elif p.kind is p.VAR_KEYWORD:
             continue
         else:
-            default = () if p.default is p.empty else (p.default,)
-            node = g.placeholder(
-                pname, default_value=default[0] if default else inspect.Parameter.empty
-            )
-            if p.kind is p.KEYWORD_ONLY:
-                kwargs[pname] = node
-            else:
+            default = inspect.Parameter.empty if p.default is p.empty else p.default
+            node = g.placeholder(pname, default_value=default)
+            if p.kind is p.POSITIONAL_ONLY:
                 args.append(node)
+            else:
+                kwargs[pname] = node
     out = g.call_module("model", tuple(args), kwargs)
     g.output(out)
     root = nn.Module()
