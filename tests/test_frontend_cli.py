@@ -125,3 +125,23 @@ def test_real_exit_code_and_no_traceback(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_compile_save_and_load_example(tmp_path, capsys):
+    import runpy
+
+    import torch
+
+    import pxcompile
+
+    out = tmp_path / "out.px"
+    ex = ROOT / "examples" / "mixer.py"
+    assert main([str(ex), "--budget", "0.3", "--block", "32", "-o", str(out)]) == 0
+    assert f"wrote {out}" in capsys.readouterr().err
+    loaded = pxcompile.load(out)
+    ns = runpy.run_path(str(ex))
+    (x,) = ns["example_inputs"]()
+    gm = pxcompile.sparsify(ns["model"], 0.3, block=32, example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm.eval()(x))
