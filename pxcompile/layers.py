@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -56,7 +57,9 @@ __all__ = [
     "PixelflyLinear",
     "masked_dense_reference",
     "COMPILE",
+    "COMPILE_MIN_ROWS",
     "TILE_ROWS",
+    "compile_available",
 ]
 
 #: Module-wide switch for the compiled path (also off when ``PXCOMPILE_NO_COMPILE=1``).
@@ -64,6 +67,9 @@ COMPILE: bool = os.environ.get("PXCOMPILE_NO_COMPILE", "") in ("", "0")
 
 #: Rows per tile at large row counts (``0`` = never tile).
 TILE_ROWS: int = 512
+
+#: Below this many rows the auto dispatch stays eager (compiled-call overhead dominates).
+COMPILE_MIN_ROWS: int = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,181 +111,232 @@ def _xor_index(n: int, factors: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# kernels: pure functions of tensors (the compiled path runs these through torch.compile)
-#
-#   gidx [n*f1]: flat idx, gathers cells:       out[:, i*f1 + k] = cells[:, idx[i, k]]
-#   sidx [n*f1]: idx*f1 + k, for the sum side:  out[:, i*f1 + k] = parts[:, idx[i, k]*f1 + k]
+# kernels: pure functions of tensors (the compiled path runs these same bodies through
+# torch.compile). ``gidx`` [n*f1] is the flat XOR index: gathered chunk ``i*f1 + k`` is cell
+# ``idx[i, k]``; ``idx2`` [n, f1] the same as a matrix. The low-rank term rides along inside
+# the batched matmul: in gather mode ``t = x V^T`` is appended to every cell's gathered input
+# (and ``U``'s rows of the cell to its weight); in scatter mode ``V``'s columns of the cell are
+# appended to its weight, so ``t`` is the sum over cells of the extra outputs.
 # --------------------------------------------------------------------------------------------
 
 
-def _gather_cells(xc: Tensor, gidx: Tensor, f1: int) -> Tensor:
-    """``xc [M, n, c]`` (token-major) -> ``[M, n, f1*c]`` with chunk k of cell i = ``xc[:, idx[i,k]]``."""
-    m, n, c = xc.shape
-    return xc.index_select(1, gidx).view(m, n, f1 * c)
-
-
-def _gather_sum(p: Tensor, sidx: Tensor, f1: int) -> Tensor:
-    """``p [n, M, f1*c]`` (cell-major) -> ``[n, M, c]``: ``out[i] = sum_k p[idx[i,k], :, chunk k]``."""
+def _gather_sum(p: Tensor, idx2: Tensor, f1: int) -> Tensor:
+    """``p [n, M, f1*c]`` (cell-major, any strides) -> ``[n, M, c]``:
+    ``out[i] = sum_k p[idx[i, k], :, chunk k]`` (the adjoint of the XOR gather)."""
     n, m, fc = p.shape
-    c = fc // f1
-    g = p.view(n, m, f1, c).transpose(1, 2).reshape(n * f1, m, c).index_select(0, sidx)
-    return g.view(n, f1, m, c).sum(1)
+    g = p.unflatten(2, (f1, fc // f1))  # [n, M, f1, c]
+    kk = torch.arange(f1, device=p.device).expand(n, f1)
+    return g[idx2, :, kk].sum(1)  # [n, f1, M, c] -> [n, M, c]
 
 
-def _fwd_body(
-    x: Tensor,
-    blocks: Tensor,
-    u: Tensor | None,
-    v: Tensor | None,
-    bias: Tensor | None,
-    gidx: Tensor,
-    sidx: Tensor,
-    mode: str,
-    f1: int,
-    need_saved: bool,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """Forward on a 2-D contiguous ``x [M, in]``. Returns ``(y, saved, t)``: ``saved`` is the
-    gathered input (gather mode) for the weight gradient, ``t = x V^T``."""
+def _fwd_one(x, blocks, u, v, gidx, idx2, mode: str, f1: int, need_saved: bool):
+    """One row tile: ``x [M, in]`` contiguous -> ``(y [M, out] without bias, saved)``."""
     m = x.shape[0]
     n = blocks.shape[0]
-    saved = None
     if mode == "gather":
-        xg = _gather_cells(x.view(m, n, -1), gidx, f1)  # [M, n, K]
-        o = torch.bmm(xg.transpose(0, 1), blocks.transpose(1, 2))  # [n, M, c_out]
-        if need_saved:
-            saved = xg
-    else:
-        xc = x.view(m, n, -1).transpose(0, 1)  # [n, M, c_in]
-        p = torch.bmm(xc, blocks.transpose(1, 2))  # [n, M, f1*c_out]
-        o = _gather_sum(p, sidx, f1)  # [n, M, c_out]
-    o = o.transpose(0, 1).reshape(m, -1)
-    if bias is not None:
-        o = o + bias
+        c_out, kk = blocks.shape[1], blocks.shape[2]
+        xg = x.view(m, n, -1).index_select(1, gidx).view(m, n, kk)
+        w = blocks
+        if u is not None:
+            t = x @ v.t()
+            r = t.shape[1]
+            xg = torch.cat([xg, t.unsqueeze(1).expand(m, n, r)], 2)
+            w = torch.cat([blocks, u.view(n, c_out, r)], 2)
+        o = torch.bmm(xg.transpose(0, 1), w.transpose(1, 2))  # [n, M, c_out]
+        y = o.transpose(0, 1).reshape(m, -1)
+        return y, (xg if need_saved else None)
+    c_in = blocks.shape[2]
+    ff = blocks.shape[1]
+    xc = x.view(m, n, c_in).transpose(0, 1)  # [n, M, c_in]
+    w = blocks
+    if u is not None:
+        w = torch.cat([blocks, v.view(-1, n, c_in).transpose(0, 1)], 1)
+    p = torch.bmm(xc, w.transpose(1, 2))  # [n, M, ff (+ r)]
+    y = _gather_sum(p[..., :ff], idx2, f1).transpose(0, 1).reshape(m, -1)
     t = None
     if u is not None:
-        t = x @ v.t()
-        o = torch.addmm(o, t, u.t())
-    return o, saved, t
+        t = p[..., ff:].sum(0)  # [M, r] = x V^T
+        y = torch.addmm(y, t, u.t())
+    return y, (t if need_saved else None)
 
 
-def _bwd_body(
-    gy: Tensor,
-    x: Tensor,
-    saved: Tensor | None,
-    t: Tensor | None,
-    blocks: Tensor,
-    u: Tensor | None,
-    v: Tensor | None,
-    gidx: Tensor,
-    sidx: Tensor,
-    mode: str,
-    f1: int,
-    need_x: bool,
-    need_w: bool,
-    need_uv: bool,
-    need_b: bool,
-):
+def _bwd_one(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w):
+    """One row tile of the backward. ``need_w`` covers blocks, U and V together. Returns
+    ``(gx, gblocks, gu, gv)`` (weight grads for this tile, to be summed over tiles)."""
     m = gy.shape[0]
     n = blocks.shape[0]
-    gx = gw = gu = gv = gb = None
+    gx = gw = gu = gv = None
     if mode == "gather":
-        gyc = gy.view(m, n, -1).transpose(0, 1)  # [n, M, c_out]
+        c_out, kk = blocks.shape[1], blocks.shape[2]
+        xg = saved
+        if xg is None:
+            xg = x.view(m, n, -1).index_select(1, gidx).view(m, n, kk)
+            if u is not None:
+                t = x @ v.t()
+                xg = torch.cat([xg, t.unsqueeze(1).expand(m, n, t.shape[1])], 2)
+        gyc = gy.view(m, n, c_out).transpose(0, 1)  # [n, M, c_out]
         if need_w:
-            xg = saved if saved is not None else _gather_cells(x.view(m, n, -1), gidx, f1)
-            gw = torch.bmm(gyc.transpose(1, 2), xg.transpose(0, 1))  # [n, c_out, K]
-        if need_x:
-            gxg = torch.bmm(gyc, blocks)  # [n, M, f1*c_in]
-            gx = _gather_sum(gxg, sidx, f1).transpose(0, 1).reshape(m, -1)
-    else:
-        gp = _gather_cells(gy.view(m, n, -1), gidx, f1).transpose(0, 1)  # [n, M, f1*c_out]
-        if need_w:
-            xc = x.view(m, n, -1).transpose(0, 1)  # [n, M, c_in]
-            gw = torch.bmm(gp.transpose(1, 2), xc)  # [n, f1*c_out, c_in]
-        if need_x:
-            gx = torch.bmm(gp, blocks).transpose(0, 1).reshape(m, -1)
-    if u is not None:
-        if need_x or need_uv:
-            gt = gy @ u  # [M, r]
+            gwe = torch.bmm(gyc.transpose(1, 2), xg.transpose(0, 1))  # [n, c_out, K (+ r)]
+            gw = gwe[..., :kk]
+            if u is not None:
+                gu = gwe[..., kk:].reshape(-1, u.shape[1])
+        if need_x or (need_w and u is not None):
+            w = blocks if u is None else torch.cat([blocks, u.view(n, c_out, -1)], 2)
+            gxe = torch.bmm(gyc, w)  # [n, M, K (+ r)]
             if need_x:
-                gx = torch.addmm(gx, gt, v)
-            if need_uv:
-                gu = gy.t() @ t
-                gv = gt.t() @ x
-    if need_b:
-        gb = gy.sum(0)
+                gx = _gather_sum(gxe[..., :kk], idx2, f1).transpose(0, 1).reshape(m, -1)
+            if u is not None:
+                gt = gxe[..., kk:].sum(0)  # [M, r] = gy U
+                if need_x:
+                    gx = torch.addmm(gx, gt, v)
+                if need_w:
+                    gv = gt.t() @ x
+        return gx, gw, gu, gv
+    c_in = blocks.shape[2]
+    ff = blocks.shape[1]
+    gp = gy.view(m, n, -1).index_select(1, gidx).view(m, n, ff)  # [M, n, ff]
+    w = blocks
+    if u is not None:
+        gt = gy @ u  # [M, r]
+        gp = torch.cat([gp, gt.unsqueeze(1).expand(m, n, gt.shape[1])], 2)
+        w = torch.cat([blocks, v.view(-1, n, c_in).transpose(0, 1)], 1)
+        if need_w:
+            t = saved if saved is not None else x @ v.t()
+            gu = gy.t() @ t
+    gpc = gp.transpose(0, 1)  # [n, M, ff (+ r)]
+    if need_x:
+        gx = torch.bmm(gpc, w).transpose(0, 1).reshape(m, -1)
+    if need_w:
+        xc = x.view(m, n, c_in).transpose(0, 1)
+        gwe = torch.bmm(gpc.transpose(1, 2), xc)  # [n, ff (+ r), c_in]
+        gw = gwe[:, :ff]
+        if u is not None:
+            gv = gwe[:, ff:].transpose(0, 1).reshape(u.shape[1], -1)
+    return gx, gw, gu, gv
+
+
+def _fwd_body(x, blocks, u, v, bias, gidx, idx2, mode: str, f1: int, tile: int, need_saved: bool):
+    """Forward of ``x [M, in]`` (contiguous) with rows in tiles of ``tile`` (0: one tile).
+    Returns ``(y, saved)``; ``saved`` is the untiled tile's gathered input (gather mode) or
+    ``t = x V^T`` (scatter mode), None when tiled (recomputed in the backward)."""
+    m = x.shape[0]
+    if not tile or m <= tile:
+        y, saved = _fwd_one(x, blocks, u, v, gidx, idx2, mode, f1, need_saved)
+    else:
+        ys = [
+            _fwd_one(x[s : s + tile], blocks, u, v, gidx, idx2, mode, f1, False)[0]
+            for s in range(0, m, tile)
+        ]
+        y, saved = torch.cat(ys), None
+    if bias is not None:
+        y = y + bias
+    return y, saved
+
+
+def _bwd_body(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, tile, need_x, need_w, need_b):
+    m = gy.shape[0]
+    if not tile or m <= tile:
+        gx, gw, gu, gv = _bwd_one(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w)
+    else:
+        gxs = []
+        gw = gu = gv = None
+        for s in range(0, m, tile):
+            sl = slice(s, s + tile)
+            r = _bwd_one(gy[sl], x[sl], None, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w)
+            gxs.append(r[0])
+            gw, gu, gv = _add(gw, r[1]), _add(gu, r[2]), _add(gv, r[3])
+        gx = torch.cat(gxs) if need_x else None
+    gb = gy.sum(0) if need_b else None
     return gx, gw, gu, gv, gb
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if b is None:
+        return a
+    return b if a is None else a + b
+
+
+# --------------------------------------------------------------------------------------------
+# compiled bodies (optional, lazy, with an eager fallback)
+# --------------------------------------------------------------------------------------------
+
+_COMPILED: dict[str, object] = {}
+_COMPILE_FAILED = False
+
+
+def compile_available() -> bool:
+    """Whether the compiled path may be used now: module switch ``COMPILE`` (env var
+    ``PXCOMPILE_NO_COMPILE=1`` clears it), no earlier compile failure, and not under pytest
+    (compiling takes seconds per layer shape; tests that cover it force ``path="compiled"``)."""
+    return (
+        COMPILE
+        and not _COMPILE_FAILED
+        and hasattr(torch, "compile")
+        and "PYTEST_CURRENT_TEST" not in os.environ
+    )
+
+
+def _compiled(name: str, fn):
+    c = _COMPILED.get(name)
+    if c is None:
+        import torch._dynamo
+
+        cfg = torch._dynamo.config
+        for key in ("cache_size_limit", "recompile_limit"):
+            if hasattr(cfg, key):
+                setattr(cfg, key, max(getattr(cfg, key), 256))
+        if hasattr(cfg, "accumulated_cache_size_limit"):
+            cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 4096)
+        c = torch.compile(fn, dynamic=False)
+        _COMPILED[name] = c
+    return c
+
+
+def _call(compiled: bool, name: str, fn, *args):
+    global _COMPILE_FAILED
+    if compiled and COMPILE and not _COMPILE_FAILED:
+        try:
+            return _compiled(name, fn)(*args)
+        except Exception as e:  # noqa: BLE001 - any compiler failure: eager from now on
+            _COMPILE_FAILED = True
+            warnings.warn(
+                f"pxcompile: compiling PixelflyLinear failed ({type(e).__name__}: {e}); "
+                "using the eager path from now on",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return fn(*args)
 
 
 class _PixelflyFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, blocks, u, v, bias, gidx, sidx, mode, f1, tile):
-        need_grad = any(ctx.needs_input_grad[:5])
-        need_w = ctx.needs_input_grad[1]
-        m = x.shape[0]
-        if tile and m > tile:
-            ys, ts = [], []
-            for s in range(0, m, tile):
-                y, _, t = _fwd_body(
-                    x[s : s + tile], blocks, u, v, bias, gidx, sidx, mode, f1, False
-                )
-                ys.append(y)
-                ts.append(t)
-            y = torch.cat(ys)
-            t = torch.cat(ts) if u is not None else None
-            saved = None
-        else:
-            y, saved, t = _fwd_body(x, blocks, u, v, bias, gidx, sidx, mode, f1, need_w)
-        if need_grad:
-            ctx.save_for_backward(x, saved, t, blocks, u, v, gidx, sidx)
-            ctx.cfg = (mode, f1, tile)
+    def forward(ctx, x, blocks, u, v, bias, gidx, idx2, mode, f1, tile, compiled):
+        nx, nw, nu, nv, nb = ctx.needs_input_grad[:5]
+        need_w = nw or nu or nv
+        need_saved = need_w and not (tile and x.shape[0] > tile)
+        if mode == "scatter":
+            need_saved = need_saved and u is not None
+        y, saved = _call(
+            compiled,
+            "fwd_grad",
+            _fwd_body,
+            x, blocks, u, v, bias, gidx, idx2, mode, f1, tile, need_saved,
+        )  # fmt: skip
+        ctx.save_for_backward(x if need_w else None, saved, blocks, u, v, gidx, idx2)
+        ctx.cfg = (mode, f1, tile, compiled, nx, need_w, nb)
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        x, saved, t, blocks, u, v, gidx, sidx = ctx.saved_tensors
-        mode, f1, tile = ctx.cfg
-        nx, nw, nu, nv, nb = ctx.needs_input_grad[:5]
-        gy = gy.contiguous()
-        m = gy.shape[0]
-        if tile and m > tile:
-            gxs = []
-            gw = gu = gv = gb = None
-            for s in range(0, m, tile):
-                sl = slice(s, s + tile)
-                r = _bwd_body(
-                    gy[sl],
-                    x[sl],
-                    None,
-                    None if t is None else t[sl],
-                    blocks,
-                    u,
-                    v,
-                    gidx,
-                    sidx,
-                    mode,
-                    f1,
-                    nx,
-                    nw,
-                    nu or nv,
-                    nb,
-                )
-                gxs.append(r[0])
-                gw = _acc(gw, r[1])
-                gu = _acc(gu, r[2])
-                gv = _acc(gv, r[3])
-                gb = _acc(gb, r[4])
-            gx = torch.cat(gxs) if nx else None
-        else:
-            gx, gw, gu, gv, gb = _bwd_body(
-                gy, x, saved, t, blocks, u, v, gidx, sidx, mode, f1, nx, nw, nu or nv, nb
-            )
-        return gx, gw, gu, gv, gb, None, None, None, None, None
-
-
-def _acc(a: Tensor | None, b: Tensor | None) -> Tensor | None:
-    if b is None:
-        return a
-    return b if a is None else a.add_(b)
+        x, saved, blocks, u, v, gidx, idx2 = ctx.saved_tensors
+        mode, f1, tile, compiled, nx, need_w, nb = ctx.cfg
+        gx, gw, gu, gv, gb = _call(
+            compiled,
+            "bwd",
+            _bwd_body,
+            gy.contiguous(), x, saved, blocks, u, v, gidx, idx2, mode, f1, tile, nx, need_w, nb,
+        )  # fmt: skip
+        return gx, gw, gu, gv, gb, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -322,17 +379,16 @@ class PixelflyLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         idx = _xor_index(spec.butterfly, spec.factors)
-        f1 = self.layout.f1
-        sidx = idx * f1 + np.arange(f1)[None, :]
+        # derived from the spec: not in the state dict
         self.register_buffer(
             "gather_index", torch.as_tensor(idx.reshape(-1).copy(), device=device), persistent=False
         )
         self.register_buffer(
-            "sum_index", torch.as_tensor(sidx.reshape(-1).copy(), device=device), persistent=False
+            "cell_index", torch.as_tensor(idx.copy(), device=device), persistent=False
         )
         #: ``||W - (B + U V^T)||_F / ||W||_F`` after ``from_dense(init="dense")``, else None.
         self.init_error: float | None = None
-        #: Force an execution path: None (auto), "eager", "compiled".
+        #: Force an execution path: None (auto), "eager" or "compiled" (see ``forward``).
         self.path: str | None = None
         #: Rows per tile (None: module default ``TILE_ROWS``; 0: never tile).
         self.tile_rows: int | None = None
@@ -384,12 +440,10 @@ class PixelflyLinear(nn.Module):
                 layer.bias.copy_(bias.detach())
             approx = layer.block_weight()
             if spec.rank > 0:
-                resid = (w - approx).double()
-                uu, ss, vh = torch.linalg.svd(resid, full_matrices=False)
-                r = spec.rank
-                sq = ss[:r].sqrt()
-                layer.lowrank_u.copy_(uu[:, :r] * sq)
-                layer.lowrank_v.copy_(sq[:, None] * vh[:r])
+                uu, ss, vv = _truncated_svd(w - approx, spec.rank)
+                sq = ss.sqrt()
+                layer.lowrank_u.copy_(uu * sq)
+                layer.lowrank_v.copy_(sq[:, None] * vv.t())
                 approx = layer.dense_weight()
             wn = torch.linalg.norm(w.double())
             err = torch.linalg.norm((w - approx).double())
@@ -458,7 +512,22 @@ class PixelflyLinear(nn.Module):
 
     # ---------------------------------------------------------------------------- forward
 
+    def choose_path(self, rows: int) -> str:
+        """Auto dispatch: the compiled bodies from ``COMPILE_MIN_ROWS`` rows on when compiling
+        is available, else (few rows: call overhead dominates) the eager bodies."""
+        if rows >= COMPILE_MIN_ROWS and compile_available():
+            return "compiled"
+        return "eager"
+
     def forward(self, x: Tensor) -> Tensor:
+        """``y = x B^T + (x V^T) U^T + bias`` for ``x [..., in]`` (any strides).
+
+        Paths: ``"eager"`` (plain PyTorch ops) or ``"compiled"`` (the same bodies through
+        ``torch.compile``, lazily, with eager fallback); ``self.path`` forces one, else
+        :meth:`choose_path`. Rows are processed in tiles of ``tile_rows`` (default
+        ``TILE_ROWS``) above that count. With autograd, a hand-written
+        :class:`torch.autograd.Function` runs the backward; without, the body runs directly.
+        """
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected last dim {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
@@ -467,20 +536,33 @@ class PixelflyLinear(nn.Module):
             x2 = x2.contiguous()
         if x2.shape[0] == 0:
             return x.new_zeros(*lead, self.out_features)
+        m = x2.shape[0]
         tile = TILE_ROWS if self.tile_rows is None else self.tile_rows
-        y = _PixelflyFn.apply(
-            x2,
-            self.blocks,
-            self.lowrank_u,
-            self.lowrank_v,
-            self.bias,
-            self.gather_index,
-            self.sum_index,
-            self.layout.mode,
-            self.layout.f1,
-            tile,
-        )
+        path = self.path or self.choose_path(m)
+        if path not in ("eager", "compiled"):
+            raise ValueError(f"unknown path {path!r}")
+        args = (x2, self.blocks, self.lowrank_u, self.lowrank_v, self.bias)
+        cfg = (self.gather_index, self.cell_index, self.layout.mode, self.layout.f1, tile)
+        if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
+            y = _PixelflyFn.apply(*args, *cfg, path == "compiled")
+        else:  # inference: no autograd.Function, nothing saved
+            y = _call(path == "compiled", "fwd_nograd", _fwd_body, *args, *cfg, False)[0]
         return y.view(*lead, self.out_features)
+
+
+def _truncated_svd(a: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``r`` singular triplets ``(U [m, r], S [r], V [n, r])``. A full SVD of a
+    768 x 3072 residual takes seconds on 2 cores; the randomized one (a few power
+    iterations over ``r + 8`` probes) takes milliseconds and is as accurate for the top ``r``."""
+    a = a.double() if a.dtype == torch.float64 else a.float()
+    q = min(r + 8, min(a.shape))
+    if q >= min(a.shape):
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        return u[:, :r], s[:r], vh[:r].t()
+    with torch.random.fork_rng(devices=[]):  # same weights in, same factors out
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(a, q=q, niter=4)
+    return u[:, :r], s[:r], v[:, :r]
 
 
 def _put(w4: Tensor, i0: Tensor, i2: Tensor, vals: Tensor) -> Tensor:

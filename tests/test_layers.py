@@ -7,6 +7,7 @@ exercised by the tests that name it.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -251,11 +252,13 @@ def test_from_dense_scratch_init():
     layer = PixelflyLinear.from_dense(w, torch.zeros(fout), spec, init="scratch")
     assert layer.init_error is None
     bound = math.sqrt(1 / spec.block_density) / math.sqrt(fin)
-    assert float(layer.blocks.abs().max()) <= bound
-    assert float(layer.blocks.abs().max()) > 0.9 * bound
-    assert float(layer.blocks.std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert float(layer.blocks.detach().abs().max()) <= bound
+    assert float(layer.blocks.detach().abs().max()) > 0.9 * bound
+    assert float(layer.blocks.detach().std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
     # low-rank term small next to the butterfly
-    assert float((layer.lowrank_u @ layer.lowrank_v).std()) < 0.1 * float(layer.blocks.std())
+    assert float((layer.lowrank_u @ layer.lowrank_v).detach().std()) < 0.1 * float(
+        layer.blocks.detach().std()
+    )
     with pytest.raises(ValueError):
         PixelflyLinear.from_dense(w, None, spec, init="nope")
 
@@ -338,3 +341,51 @@ def test_inside_a_model_trains():
 def test_module_defaults_exist():
     assert isinstance(L.TILE_ROWS, int)
     assert isinstance(L.COMPILE, bool)
+
+
+def test_auto_dispatch_never_compiles_under_pytest():
+    layer = PixelflyLinear(64, 128, PatternSpec(4, 2, 8, 4))
+    assert not L.compile_available()
+    assert layer.choose_path(1) == "eager"
+    assert layer.choose_path(10_000) == "eager"
+    layer.path = "bogus"
+    with pytest.raises(ValueError):
+        layer(torch.randn(2, 64))
+
+
+@pytest.mark.slow
+def test_compiled_path(monkeypatch):
+    """The one test that compiles (seconds per graph): gather mode untiled (grad and no-grad
+    bodies) and scatter mode tiled, against the masked-dense reference."""
+    if not L.COMPILE:
+        pytest.skip("compilation disabled (PXCOMPILE_NO_COMPILE)")
+    monkeypatch.setattr(L, "_COMPILE_FAILED", False)
+    torch.manual_seed(0)
+    for fin, fout, tile in ((64, 128, 0), (128, 64, 16)):
+        layer = PixelflyLinear(fin, fout, PatternSpec(4, 2, 8, 4))
+        layer.path, layer.tile_rows = "compiled", tile
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)  # a compile failure must not hide
+            _check_against_reference(layer, torch.randn(40, fin))
+            if tile == 0:
+                ref, *_ = _reference(layer)
+                x = torch.randn(40, fin)
+                with torch.no_grad():
+                    assert torch.allclose(layer(x), ref(x), rtol=1e-4, atol=1e-5)
+    assert not L._COMPILE_FAILED
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    def broken(*a, **k):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(L, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(L, "COMPILE", True)
+    monkeypatch.setattr(L, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    torch.manual_seed(0)
+    layer = PixelflyLinear(64, 128, PatternSpec(4, 2, 8, 4))
+    layer.path = "compiled"
+    with pytest.warns(RuntimeWarning, match="eager"):
+        _check_against_reference(layer, torch.randn(20, 64))
+    assert L._COMPILE_FAILED

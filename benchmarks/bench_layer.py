@@ -1,0 +1,163 @@
+"""PixelflyLinear speed against dense ``F.linear`` (fp32, CPU, 2 threads by default).
+
+Every number printed is a ratio ``dense_time / other_time`` (higher is faster than dense),
+the median over paired runs: each repetition times dense then the candidate back to back, so
+both see the same machine load. Absolute times are printed only as context.
+
+    python benchmarks/bench_layer.py            # full table (a few minutes)
+    python benchmarks/bench_layer.py --quick    # fewer cases and repetitions
+    python benchmarks/bench_layer.py --eager    # no torch.compile (same as PXCOMPILE_NO_COMPILE=1)
+
+Columns: ``dense ms`` (context only), ``masked`` (dense GEMM on ``W * mask``, the reference),
+``bsr`` (torch sparse BSR weight, forward only), ``px fwd`` (no-grad forward), ``px f+b``
+(forward + backward of input and all parameters, against dense forward + backward), ``ideal``
+(1 / density, low-rank included), ``frac`` (px fwd / ideal), ``path`` (auto dispatch choice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pxcompile import layers as L  # noqa: E402
+from pxcompile.layers import PixelflyLinear  # noqa: E402
+from pxcompile.patterns import PatternSpec  # noqa: E402
+
+# (label, in, out, rows, spec, do_backward)
+CASES = [
+    ("768->3072 d.167", 768, 3072, 1568, PatternSpec(24, 3, 32), True),
+    ("3072->768 d.167", 3072, 768, 1568, PatternSpec(24, 3, 32), True),
+    ("768->3072 d.167 r32", 768, 3072, 1568, PatternSpec(24, 3, 32, 32), True),
+    ("3072->768 d.167 r32", 3072, 768, 1568, PatternSpec(24, 3, 32, 32), True),
+    ("768->3072 d.25 pb64", 768, 3072, 1568, PatternSpec(12, 2, 64), True),
+    ("3072->768 d.25 pb64", 3072, 768, 1568, PatternSpec(12, 2, 64), True),
+    ("768->3072 d.125", 768, 3072, 1568, PatternSpec(24, 2, 32), True),
+    ("1024->4096 d.156", 1024, 4096, 4096, PatternSpec(32, 4, 32), True),
+    ("4096->1024 d.156", 4096, 1024, 4096, PatternSpec(32, 4, 32), True),
+    ("768->3072 1 row", 768, 3072, 1, PatternSpec(24, 3, 32), False),
+    ("3072->768 1 row", 3072, 768, 1, PatternSpec(24, 3, 32), False),
+    ("768->3072 64 rows", 768, 3072, 64, PatternSpec(24, 3, 32), False),
+    ("3072->768 64 rows", 3072, 768, 64, PatternSpec(24, 3, 32), False),
+]
+QUICK = {
+    "768->3072 d.167",
+    "3072->768 d.167",
+    "768->3072 d.167 r32",
+    "768->3072 d.25 pb64",
+    "768->3072 1 row",
+    "768->3072 64 rows",
+}
+
+
+def paired_ratio(base, cand, reps: int, warm: int = 2) -> tuple[float, float]:
+    """Median of ``time(base) / time(cand)`` over back-to-back pairs, and median base ms."""
+    for _ in range(warm):
+        base()
+        cand()
+    ratios, tb = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        base()
+        t1 = time.perf_counter()
+        cand()
+        t2 = time.perf_counter()
+        ratios.append((t1 - t0) / max(t2 - t1, 1e-9))
+        tb.append(t1 - t0)
+    ratios.sort()
+    tb.sort()
+    return ratios[len(ratios) // 2], tb[len(tb) // 2] * 1e3
+
+
+def reps_for(rows: int, quick: bool) -> int:
+    r = 200 if rows <= 64 else 9
+    return max(3, r // 3) if quick else r
+
+
+def run_case(label, fin, fout, rows, spec, backward, quick):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(fin, fout)
+    layer = PixelflyLinear.from_dense(lin.weight.detach(), lin.bias.detach(), spec)
+    mask = layer.mask()
+    w, b = lin.weight.detach(), lin.bias.detach()
+    x = torch.randn(rows, fin)
+    reps = reps_for(rows, quick)
+
+    def dense():
+        with torch.no_grad():
+            F.linear(x, w, b)
+
+    def masked():
+        with torch.no_grad():
+            F.linear(x, w * mask, b)
+
+    def px():
+        with torch.no_grad():
+            layer(x)
+
+    r_fwd, dense_ms = paired_ratio(dense, px, reps)
+    r_mask, _ = paired_ratio(dense, masked, reps)
+    try:
+        wb = (w * mask).to_sparse_bsr((spec.pattern_block, spec.pattern_block))
+
+        def bsr():
+            with torch.no_grad():
+                (wb @ x.t()).t() + b
+
+        r_bsr = f"{paired_ratio(dense, bsr, reps)[0]:.2f}"
+    except (RuntimeError, NotImplementedError):
+        r_bsr = "n/a"
+    r_fb = "-"
+    if backward:
+        xg = x.clone().requires_grad_(True)
+        gy = torch.randn(rows, fout)
+
+        def dense_fb():
+            lin.zero_grad(set_to_none=True)
+            xg.grad = None
+            lin(xg).backward(gy)
+
+        def px_fb():
+            layer.zero_grad(set_to_none=True)
+            xg.grad = None
+            layer(xg).backward(gy)
+
+        r_fb = f"{paired_ratio(dense_fb, px_fb, reps)[0]:.2f}"
+    ideal = 1.0 / spec.density(fin, fout)
+    path = layer.choose_path(rows)
+    return (label, f"{dense_ms:.2f}", f"{r_mask:.2f}", r_bsr, f"{r_fwd:.2f}", r_fb,
+            f"{ideal:.2f}", f"{r_fwd / ideal:.2f}", path)  # fmt: skip
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer cases and repetitions")
+    ap.add_argument("--eager", action="store_true", help="never compile")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default="", help="substring filter on case labels")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.eager:
+        L.COMPILE = False
+    cases = [c for c in CASES if (not args.quick or c[0] in QUICK) and args.only in c[0]]
+    head = ("case", "dense ms", "masked", "bsr", "px fwd", "px f+b", "ideal", "frac", "path")
+    widths = (22, 9, 7, 6, 7, 7, 6, 5, 9)
+    print(f"torch {torch.__version__}, {args.threads} threads, compile={L.compile_available()}")
+    print("ratios = dense time / time (higher is faster); medians of paired runs")
+    print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths))))
+    for case in cases:
+        row = run_case(*case, quick=args.quick)
+        print(
+            "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
