@@ -292,4 +292,71 @@ def _trace_cmd(argv: list[str]) -> int:
     return _guard(run)
 
 
-SUBCOMMANDS: dict = {"trace": _trace_cmd}
+def _bench_cmd(argv: list[str]) -> int:
+    p = _Parser(
+        prog="pxcompile bench",
+        description="Compile a model file and time it against its dense self: forward "
+        "(inference mode) and one training step, medians of alternating runs, as ratios.",
+        epilog="example:\n  pxcompile bench examples/gpt.py --budget 0.3 --repeats 5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("input", help="a model file (.py) defining `model` and `example_inputs`")
+    _add_plan_args(p)
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        import copy
+
+        import torch
+
+        from . import api, report
+        from .bench import compare
+        from .modelfile import load_model_file
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        model, inputs = load_model_file(args.input, args.model, args.inputs)
+        traced = api.trace(model, inputs)
+        if args.plan:
+            plan = load_plan_for(args, traced.schema)
+        else:
+            if args.budget is None:
+                raise PxError("--budget is required (or --plan FILE), e.g. --budget 0.3")
+            plan = api._plan_traced(model, traced, args.budget, args.block or 32, _policy(args))
+        gm = api.apply(model, plan, inputs, traced=traced)
+        c = compare(copy.deepcopy(model), gm, inputs, args.repeats)
+        s = plan.summary
+        result = {
+            "model": args.input,
+            "budget": plan.budget,
+            "flops_kept": s.model_fraction,
+            "eligible_kept": s.eligible_fraction,
+            "params_ratio": c.params_ratio,
+            "forward_speedup": c.forward_speedup,
+            "train_step_speedup": c.train_speedup,
+            "threads": torch.get_num_threads(),
+            "repeats": args.repeats,
+        }
+        if args.json:
+            print(json.dumps(result, indent=1))
+            return 0
+        con = report.make_console()
+        con.print(
+            f"{args.input}: FLOPs kept {s.model_fraction:.3f} of the model "
+            f"({s.eligible_fraction:.3f} of the eligible GEMMs), params {c.params_ratio:.3f}x",
+            highlight=False,
+        )
+        con.print(
+            f"speedup vs dense ({torch.get_num_threads()} threads, median of {args.repeats}): "
+            f"forward {c.forward_speedup:.2f}x, training step {c.train_speedup:.2f}x",
+            highlight=False,
+        )
+        return 0
+
+    return _guard(run)
+
+
+SUBCOMMANDS: dict = {"trace": _trace_cmd, "bench": _bench_cmd}

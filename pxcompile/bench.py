@@ -1,0 +1,88 @@
+"""Side-by-side timing of a compiled model against its dense self (``pxcompile bench``).
+
+Speed claims are ratios measured in one process, alternating the two models and taking
+medians of several runs: the machine is noisy, a ratio survives that, an absolute time doesn't.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .api import Inputs, call
+
+
+def _loss(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out.float().square().mean()
+    if isinstance(out, dict) or hasattr(out, "to_tuple"):
+        vals = list(out.values()) if isinstance(out, dict) else list(out.to_tuple())
+        return _loss(vals[0])
+    if isinstance(out, tuple | list):
+        return _loss(out[0])
+    raise TypeError(f"cannot make a loss from {type(out).__name__}")
+
+
+def forward_fn(model: nn.Module, inputs: Inputs) -> Callable[[], None]:
+    def run() -> None:
+        with torch.inference_mode():
+            call(model, inputs)
+
+    return run
+
+
+def train_step_fn(model: nn.Module, inputs: Inputs, lr: float = 1e-4) -> Callable[[], None]:
+    """One training step: forward, a loss, backward, an SGD step."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+    def run() -> None:
+        opt.zero_grad(set_to_none=True)
+        _loss(call(model, inputs)).backward()
+        opt.step()
+
+    return run
+
+
+def time_pair(
+    a: Callable[[], None], b: Callable[[], None], repeats: int = 5, warmup: int = 1
+) -> tuple[float, float]:
+    """Median seconds of ``a`` and ``b``, run alternately after ``warmup`` runs each."""
+    for _ in range(warmup):
+        a()
+        b()
+    ta, tb = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a()
+        t1 = time.perf_counter()
+        b()
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    return statistics.median(ta), statistics.median(tb)
+
+
+@dataclass
+class Comparison:
+    forward_speedup: float  # dense time / compiled time
+    train_speedup: float
+    params_ratio: float  # compiled / dense
+
+
+def compare(dense: nn.Module, compiled: nn.Module, inputs: Inputs, repeats: int = 5) -> Comparison:
+    """Forward (inference mode, eval) and one training step, compiled vs dense."""
+    dense.eval()
+    compiled.eval()
+    fd, fc = time_pair(forward_fn(dense, inputs), forward_fn(compiled, inputs), repeats)
+    dense.train()
+    compiled.train()
+    td, tc = time_pair(train_step_fn(dense, inputs), train_step_fn(compiled, inputs), repeats)
+    nd = sum(p.numel() for p in dense.parameters())
+    nc = sum(p.numel() for p in compiled.parameters())
+    return Comparison(fd / fc, td / tc, nc / nd)

@@ -1,0 +1,51 @@
+"""`pxcompile bench` and the timing helpers: they run and report ratios (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from torch import nn
+
+from pxcompile.bench import compare, time_pair
+from pxcompile.cli import main
+
+MLP = """
+import torch
+from torch import nn
+model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
+example_inputs = (torch.randn(16, 256),)
+"""
+
+
+def test_time_pair_alternates():
+    calls = []
+    ta, tb = time_pair(lambda: calls.append("a"), lambda: calls.append("b"), repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert ta >= 0 and tb >= 0
+
+
+def test_compare_reports_ratios():
+    import pxcompile
+
+    model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
+    x = torch.randn(16, 256)
+    gm = pxcompile.sparsify(model, 0.3, example_inputs=(x,))
+    c = compare(model, gm, (x,), repeats=1)
+    assert c.forward_speedup > 0 and c.train_speedup > 0
+    assert 0 < c.params_ratio < 0.5
+
+
+def test_bench_command_json(tmp_path, capsys):
+    p = tmp_path / "m.py"
+    p.write_text(MLP)
+    assert main(["bench", str(p), "--budget", "0.3", "--repeats", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"forward_speedup", "train_step_speedup", "params_ratio"} <= set(out)
+
+
+def test_bench_command_errors(tmp_path, capsys):
+    p = tmp_path / "m.py"
+    p.write_text(MLP)
+    assert main(["bench", str(p)]) == 2
+    assert "--budget is required" in capsys.readouterr().err
