@@ -65,8 +65,9 @@ __all__ = [
 #: Module-wide switch for the compiled path (also off when ``PXCOMPILE_NO_COMPILE=1``).
 COMPILE: bool = os.environ.get("PXCOMPILE_NO_COMPILE", "") in ("", "0")
 
-#: Rows per tile at large row counts (``0`` = never tile).
-TILE_ROWS: int = 512
+#: Row tiling: from ``2 * TILE_ROWS`` rows on, rows run in ``rows // TILE_ROWS`` equal tiles
+#: (keeps the gathered buffers in cache); ``0`` = never tile.
+TILE_ROWS: int = 1024
 
 #: Below this many rows the auto dispatch stays eager (compiled-call overhead dominates).
 COMPILE_MIN_ROWS: int = 16
@@ -129,8 +130,8 @@ def _gather_sum(p: Tensor, idx2: Tensor, f1: int) -> Tensor:
     return g[idx2, :, kk].sum(1)  # [n, f1, M, c] -> [n, M, c]
 
 
-def _fwd_one(x, blocks, u, v, gidx, idx2, mode: str, f1: int, need_saved: bool):
-    """One row tile: ``x [M, in]`` contiguous -> ``(y [M, out] without bias, saved)``."""
+def _fwd_one(x, blocks, u, v, bias, gidx, idx2, mode: str, f1: int, need_saved: bool):
+    """One row tile: ``x [M, in]`` contiguous -> ``(y [M, out], saved)``."""
     m = x.shape[0]
     n = blocks.shape[0]
     if mode == "gather":
@@ -142,8 +143,11 @@ def _fwd_one(x, blocks, u, v, gidx, idx2, mode: str, f1: int, need_saved: bool):
             r = t.shape[1]
             xg = torch.cat([xg, t.unsqueeze(1).expand(m, n, r)], 2)
             w = torch.cat([blocks, u.view(n, c_out, r)], 2)
-        o = torch.bmm(xg.transpose(0, 1), w.transpose(1, 2))  # [n, M, c_out]
-        y = o.transpose(0, 1).reshape(m, -1)
+        if bias is None:
+            o = torch.bmm(xg.transpose(0, 1), w.transpose(1, 2))  # [n, M, c_out]
+        else:
+            o = torch.baddbmm(bias.view(n, 1, c_out), xg.transpose(0, 1), w.transpose(1, 2))
+        y = o.transpose(0, 1).reshape(m, -1)  # a view when M == 1
         return y, (xg if need_saved else None)
     c_in = blocks.shape[2]
     ff = blocks.shape[1]
@@ -156,7 +160,9 @@ def _fwd_one(x, blocks, u, v, gidx, idx2, mode: str, f1: int, need_saved: bool):
     t = None
     if u is not None:
         t = p[..., ff:].sum(0)  # [M, r] = x V^T
-        y = torch.addmm(y, t, u.t())
+        y = torch.addmm(y, t, u.t()) if bias is None else torch.addmm(y + bias, t, u.t())
+    elif bias is not None:
+        y = y + bias
     return y, (t if need_saved else None)
 
 
@@ -220,28 +226,34 @@ def _fwd_body(x, blocks, u, v, bias, gidx, idx2, mode: str, f1: int, tile: int, 
     Returns ``(y, saved)``; ``saved`` is the untiled tile's gathered input (gather mode) or
     ``t = x V^T`` (scatter mode), None when tiled (recomputed in the backward)."""
     m = x.shape[0]
-    if not tile or m <= tile:
-        y, saved = _fwd_one(x, blocks, u, v, gidx, idx2, mode, f1, need_saved)
-    else:
-        ys = [
-            _fwd_one(x[s : s + tile], blocks, u, v, gidx, idx2, mode, f1, False)[0]
-            for s in range(0, m, tile)
-        ]
-        y, saved = torch.cat(ys), None
-    if bias is not None:
-        y = y + bias
-    return y, saved
+    size = _tile_size(m, tile)
+    if size >= m:
+        return _fwd_one(x, blocks, u, v, bias, gidx, idx2, mode, f1, need_saved)
+    ys = [
+        _fwd_one(x[s : s + size], blocks, u, v, bias, gidx, idx2, mode, f1, False)[0]
+        for s in range(0, m, size)
+    ]
+    return torch.cat(ys), None
+
+
+def _tile_size(m: int, tile: int) -> int:
+    """Rows per tile: ``m // tile`` tiles of equal size (no tiling below ``2 * tile`` rows)."""
+    if not tile or m < 2 * tile:
+        return m
+    k = m // tile
+    return -(-m // k)
 
 
 def _bwd_body(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, tile, need_x, need_w, need_b):
     m = gy.shape[0]
-    if not tile or m <= tile:
+    size = _tile_size(m, tile)
+    if size >= m:
         gx, gw, gu, gv = _bwd_one(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w)
     else:
         gxs = []
         gw = gu = gv = None
-        for s in range(0, m, tile):
-            sl = slice(s, s + tile)
+        for s in range(0, m, size):
+            sl = slice(s, s + size)
             r = _bwd_one(gy[sl], x[sl], None, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w)
             gxs.append(r[0])
             gw, gu, gv = _add(gw, r[1]), _add(gu, r[2]), _add(gv, r[3])
@@ -313,7 +325,7 @@ class _PixelflyFn(torch.autograd.Function):
     def forward(ctx, x, blocks, u, v, bias, gidx, idx2, mode, f1, tile, compiled):
         nx, nw, nu, nv, nb = ctx.needs_input_grad[:5]
         need_w = nw or nu or nv
-        need_saved = need_w and not (tile and x.shape[0] > tile)
+        need_saved = need_w and _tile_size(x.shape[0], tile) >= x.shape[0]
         if mode == "scatter":
             need_saved = need_saved and u is not None
         y, saved = _call(
