@@ -176,6 +176,8 @@ def test_plain_module_with_tied_weights(tmp_path):
 def test_stored_example_inputs_are_used(tmp_path):
     x = torch.randn(4, 256)
     gm = compiled(mlp, x)
+    assert gm.pxcompile_example_inputs == (x,)  # sparsify keeps them for save
+    del gm.pxcompile_example_inputs
     with pytest.raises(PxError) as e:
         pxcompile.save(gm, tmp_path / "m.pxc")
     assert "example_inputs" in one_line(e)
