@@ -35,7 +35,13 @@ Execution paths (see :func:`PixelflyLinear.forward`):
 * ``"compiled"``: the same bodies through ``torch.compile`` (inductor), compiled lazily on first
   use, separately for grad / no-grad. Disabled by ``PXCOMPILE_NO_COMPILE=1`` or
   ``pxcompile.layers.COMPILE = False``; any compile failure falls back to eager for good.
-* Both tile rows (``tile_rows``) at large row counts, to keep gathered buffers in cache.
+* Both split rows into equal tiles of about ``TILE_ROWS`` from ``2 * TILE_ROWS`` rows on, to
+  keep the gathered buffers in cache.
+
+Auto dispatch (``PixelflyLinear.choose_path``): compiled from ``COMPILE_MIN_ROWS`` rows on when
+compiling is available, eager below (call overhead dominates at a few rows). Without autograd
+(``no_grad`` / ``inference_mode`` / nothing requires grad) the body runs directly, no
+``autograd.Function`` and nothing saved. Double backward is not supported.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from pxcompile.patterns import PatternSpec, block_mask
 
@@ -339,6 +346,7 @@ class _PixelflyFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         x, saved, blocks, u, v, gidx, idx2 = ctx.saved_tensors
         mode, f1, tile, compiled, nx, need_w, nb = ctx.cfg
