@@ -359,4 +359,10 @@ def _bench_cmd(argv: list[str]) -> int:
     return _guard(run)
 
 
-SUBCOMMANDS: dict = {"trace": _trace_cmd, "bench": _bench_cmd}
+def _check_cmd(argv: list[str]) -> int:
+    from .check import main as check_main
+
+    return check_main(argv)
+
+
+SUBCOMMANDS: dict = {"trace": _trace_cmd, "bench": _bench_cmd, "check": _check_cmd}
