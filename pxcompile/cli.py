@@ -93,6 +93,12 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
         help="keep matching GEMMs dense: a name, a glob or re:REGEX, e.g. --dense 're:.*attn.*'",
     )
     g.add_argument(
+        "--cost-model",
+        choices=["flops+blocks", "calibrated-cpu"],
+        default="flops+blocks",
+        help="how the mapping pass prices patterns (default flops+blocks), e.g. --cost-model calibrated-cpu",
+    )
+    g.add_argument(
         "--strict", action="store_true", help="fail (exit 3) when the budget is not attainable"
     )
     g.add_argument(
@@ -174,6 +180,12 @@ def _guard(fn) -> int:
         return 130
 
 
+def _cost_model(args: argparse.Namespace):
+    from .passes.mapping import COST_MODELS
+
+    return COST_MODELS[getattr(args, "cost_model", None) or "flops+blocks"]
+
+
 def _policy(args: argparse.Namespace):
     from .policy import Policy
 
@@ -203,7 +215,7 @@ def _make_plan(args: argparse.Namespace, schema):
         return load_plan_for(args, schema)
     if args.budget is None:
         raise PxError("--budget is required (or --plan FILE), e.g. --budget 0.3")
-    return plan_schema(schema, args.budget, args.block or 32, _policy(args), strict=False)
+    return plan_schema(schema, args.budget, args.block or 32, _policy(args), _cost_model(args))
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -325,7 +337,9 @@ def _bench_cmd(argv: list[str]) -> int:
         else:
             if args.budget is None:
                 raise PxError("--budget is required (or --plan FILE), e.g. --budget 0.3")
-            plan = api._plan_traced(model, traced, args.budget, args.block or 32, _policy(args))
+            plan = api._plan_traced(
+                model, traced, args.budget, args.block or 32, _policy(args), _cost_model(args)
+            )
         gm = api.apply(model, plan, inputs, traced=traced)
         c = compare(copy.deepcopy(model), gm, inputs, args.repeats)
         s = plan.summary

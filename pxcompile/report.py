@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .errors import PxError
 from .io import atomic_write_bytes
+from .passes.mapping import COST_MODELS, predicted_speedup
 from .plans import Plan
 from .schema import human
 
@@ -38,7 +39,8 @@ def plan_table(plan: Plan, extra_columns: dict[str, dict[str, str]] | None = Non
         ("why", {"overflow": "fold", "max_width": 48}),
     ):
         t.add_column(col, **kw)
-    extra_columns = extra_columns or {}
+    extra_columns = dict(extra_columns or {})
+    t.add_column("pred x", justify="right")
     for title in extra_columns:
         t.add_column(title, justify="right")
     for lp in plan.layers:
@@ -58,7 +60,21 @@ def plan_table(plan: Plan, extra_columns: dict[str, dict[str, str]] | None = Non
             style = ""
         params = "-" if not g.has_weight else f"{human(g.params)} → {human(lp.params)}"
         flops = f"{human(g.flops)} → {human(lp.flops)}"
-        cells = [g.name, g.type.value, shape, pat, rank, kpr, mdens, dens, params, flops, lp.reason]
+        pred = "-" if lp.pattern is None else f"{predicted_speedup(g, lp.pattern):.2f}"
+        cells = [
+            g.name,
+            g.type.value,
+            shape,
+            pat,
+            rank,
+            kpr,
+            mdens,
+            dens,
+            params,
+            flops,
+            lp.reason,
+            pred,
+        ]
         cells += [extra_columns[title].get(g.name, "") for title in extra_columns]
         t.add_row(*cells, style=style)
     s = plan.summary
@@ -75,6 +91,7 @@ def plan_table(plan: Plan, extra_columns: dict[str, dict[str, str]] | None = Non
         f"{human(s.dense_params)} → {human(s.params)}",
         f"{human(s.model_flops)} → {human(s.model_kept)}",
         f"{len(plan.sparse_layers)} of {len(plan.layers)} GEMMs sparse",
+        f"{model_predicted_speedup(plan):.2f}",
         *["" for _ in extra_columns],
         style="bold",
     )
@@ -86,12 +103,24 @@ def _budget(plan: Plan) -> str:
     return "-" if plan.budget is None else f"{plan.budget:g}"
 
 
+def model_predicted_speedup(plan: Plan) -> float:
+    """Predicted forward speedup of all the schema's GEMMs together (calibrated CPU model)."""
+    model = COST_MODELS["calibrated-cpu"]
+    dense = sum(model.dense_cost(lp.gemm) for lp in plan.layers)
+    sparse = sum(
+        model.dense_cost(lp.gemm) if lp.pattern is None else model.sparse_cost(lp.gemm, lp.pattern)
+        for lp in plan.layers
+    )
+    return dense / sparse if sparse else 1.0
+
+
 def summary_lines(plan: Plan) -> list[str]:
     s = plan.summary
     lines = [
         f"achieved budget: {s.eligible_fraction:.4f} of the eligible GEMMs' compute "
         f"(budget {_budget(plan)}); whole model: {s.model_fraction:.4f} "
-        f"(dense GEMMs included); params {s.params / max(s.dense_params, 1):.4f} of dense"
+        f"(dense GEMMs included); params {s.params / max(s.dense_params, 1):.4f} of dense; "
+        f"predicted GEMM speedup on CPU {model_predicted_speedup(plan):.2f}x"
     ]
     if s.note:
         lines.append(f"not attainable: {s.note}")
@@ -133,7 +162,9 @@ def plan_json(plan: Plan) -> dict[str, Any]:
             mask_density=lp.block_density,
             density=lp.density,
             kept_per_row=lp.kept_per_row,
+            predicted_speedup=predicted_speedup(lp.gemm, lp.pattern),
         )
+    d["summary"]["predicted_speedup"] = model_predicted_speedup(plan)
     return d
 
 

@@ -79,7 +79,8 @@ def test_plan_without_a_budget_is_reported():
     q = Plan.from_dict({**p.to_dict(), "budget": None}).check_against(toy())
     out = render(q)
     assert "budget -" in out
-    assert report.summary_lines(q)[0].endswith("of dense")
+    line = report.summary_lines(q)[0]
+    assert "of dense;" in line and line.endswith("x") and "predicted GEMM speedup" in line
 
 
 def test_make_console_is_wide_when_piped():

@@ -27,7 +27,7 @@ from ..patterns import PatternSpec
 from ..plans import TOLERANCE, LayerPlan, Plan
 from ..policy import Policy
 from ..schema import Gemm, ModelSchema
-from .mapping import Choice, CostModel, FlopsBlockCost, choose, menu
+from .mapping import DEFAULT_COST_MODEL, Choice, CostModel, choose, menu
 
 
 @dataclass
@@ -70,7 +70,7 @@ def plan_schema(
     """
     check_args(budget, block)
     policy = policy or Policy()
-    cost_model = cost_model or FlopsBlockCost()
+    cost_model = cost_model or DEFAULT_COST_MODEL
     fits = [min(g.in_features, g.out_features) for g in schema.weight_gemms or schema.gemms]
     if block > max(fits):
         raise PxError(

@@ -51,6 +51,55 @@ class FlopsBlockCost:
 
 
 @dataclass(frozen=True)
+class CalibratedCost:
+    """FLOPs plus the data movement and per-block costs that PixelflyLinear pays on a CPU,
+    in dense-FLOP equivalents per row:
+
+        2 (nnz + r (in + out))  +  move * narrow * (f + 1)  +  per_block * kept_blocks
+
+    ``narrow * (f + 1)`` is what the layer gathers (or scatter-sums) per row along the
+    weight's narrow side. The constants were fitted to ``benchmarks/bench_layer.py`` at
+    768 <-> 3072, 1568 rows, 2 threads, fp32 (densities 0.125-0.25, blocks 32 and 64) on the
+    project's 2-core CPU; they predict 2-2.8x there where FLOPs alone predict 4-8x.
+    """
+
+    move: float = 400.0
+    per_block: float = 400.0
+    name: str = "calibrated-cpu"
+
+    def dense_cost(self, gemm: Gemm) -> float:
+        return float(gemm.flops)
+
+    def sparse_cost(self, gemm: Gemm, spec: PatternSpec) -> float:
+        o, i = gemm.out_features, gemm.in_features
+        pb = spec.pattern_block
+        kept = spec.kept_blocks(o, i)
+        narrow = min(o, i)
+        per_row = (
+            2.0 * (kept * pb * pb + spec.rank * (i + o))
+            + self.move * narrow * (spec.factors + 1)
+            + self.per_block * kept
+        )
+        return per_row * gemm.rows * gemm.calls
+
+
+# Planning uses FLOPs + blocks (the rule the plan format documents); the calibrated model
+# predicts the speedup shown in reports, and can plan too (``--cost-model calibrated-cpu``).
+DEFAULT_COST_MODEL: CostModel = FlopsBlockCost()
+COST_MODELS: dict[str, CostModel] = {m.name: m for m in (FlopsBlockCost(), CalibratedCost())}
+
+
+def predicted_speedup(
+    gemm: Gemm, spec: PatternSpec | None, model: CostModel | None = None
+) -> float:
+    """Dense time / sparse time of one GEMM under the calibrated CPU cost model."""
+    model = model or COST_MODELS["calibrated-cpu"]
+    if spec is None:
+        return 1.0
+    return model.dense_cost(gemm) / model.sparse_cost(gemm, spec)
+
+
+@dataclass(frozen=True)
 class Choice:
     """One achievable pattern for a GEMM and what it costs."""
 
