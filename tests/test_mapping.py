@@ -196,3 +196,18 @@ def test_choose():
     assert choose(opts, 0.2).density == 0.2
     assert choose(opts, 1.0).density == 0.3
     assert choose(opts, 0.05).density == 0.1  # sparsest if nothing is at or below
+
+
+def test_calibrated_cost_and_predicted_speedup():
+    from pxcompile.passes.mapping import COST_MODELS, CalibratedCost, predicted_speedup
+    from pxcompile.patterns import PatternSpec
+    from pxcompile.schema import Gemm, LayerType
+
+    g = Gemm("fc", LayerType.MLP, 768, 3072, rows=1568)
+    sparse = PatternSpec(24, 3, 32)
+    assert predicted_speedup(g, None) == 1.0
+    # Slower than FLOPs alone predict (data movement), but still a speedup at density 1/6.
+    assert 1.5 < predicted_speedup(g, sparse) < 1 / sparse.block_density
+    cm = CalibratedCost()
+    assert cm.sparse_cost(g, PatternSpec(24, 2, 32)) < cm.sparse_cost(g, sparse)
+    assert set(COST_MODELS) == {"flops+blocks", "calibrated-cpu"}
