@@ -1,0 +1,163 @@
+"""Pixelfly attention put into compiled models: HF GPT-2 (SDPA) and BERT at sequence 2048, and
+an fx-traced model calling ``F.scaled_dot_product_attention``; outputs match the masked-dense
+reference (same element mask, dense math) and differ from dense attention."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pxcompile import api
+from pxcompile.attention import (
+    DEFAULT_MIN_SEQ,
+    AttentionSpec,
+    PixelflyAttention,
+    sparsify_attention,
+)
+
+transformers = pytest.importorskip("transformers")
+
+SEQ = 2048
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def _compile_both(model, inputs):
+    """(compiled: MLPs by budget + pixelfly attention, reference: masked-dense for both)."""
+    traced = api.trace(model, inputs)
+    plan = api.plan(traced, 0.3, 32)
+    gm = api.apply(model, plan, inputs, traced=traced)
+    ref = api.masked_dense_reference(model, gm, traced)
+    if not isinstance(ref, transformers.PreTrainedModel):
+        ref = torch.fx.symbolic_trace(ref)
+    sparsify_attention(gm)
+    sparsify_attention(ref, reference=True)
+    return gm, ref
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=128, n_head=2, vocab_size=512, n_positions=SEQ,
+        attn_implementation="sdpa", bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def _bert():
+    cfg = transformers.BertConfig(
+        num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512,
+        vocab_size=512, max_position_embeddings=SEQ, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg).eval()
+
+
+def _ids(batch=2):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 512, (batch, SEQ), generator=g)
+    mask = torch.ones(batch, SEQ, dtype=torch.long)
+    mask[-1, SEQ - 150 :] = 0  # padding on the last sequence
+    return ids, mask
+
+
+def test_default_threshold_is_a_valid_length():
+    assert DEFAULT_MIN_SEQ >= 1024
+    assert AttentionSpec().padded_seq(DEFAULT_MIN_SEQ) == DEFAULT_MIN_SEQ
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", [_gpt2, _bert], ids=["gpt2", "bert"])
+def test_hf_models_match_masked_dense(make):
+    model = make()
+    ids, mask = _ids()
+    with torch.no_grad():
+        dense = model(input_ids=ids, attention_mask=mask)[0]
+    gm, ref = _compile_both(model, {"input_ids": ids[:, :128]})
+    assert gm.model.config._attn_implementation.startswith("pixelfly_")
+    with torch.no_grad():
+        for kw in ({"attention_mask": mask}, {}):
+            got = gm(input_ids=ids, **kw)[0]
+            want = ref(input_ids=ids, **kw)[0]
+            assert torch.isfinite(got).all()
+            assert _rel(got, want) < 1e-4
+        short = gm(input_ids=ids[:, :256])[0]  # under the threshold: dense attention
+        assert _rel(short, ref(input_ids=ids[:, :256])[0]) < 1e-4
+    # the sparse attention really is sparse: dense attention gives something else
+    assert _rel(want, dense) > 1e-3 if make is _gpt2 else _rel(got, dense) > 1e-5
+
+
+@pytest.mark.slow
+def test_gpt2_causality_and_training_step():
+    model = _gpt2().train()
+    ids, _ = _ids(1)
+    gm, _ = _compile_both(model.eval(), {"input_ids": ids[:, :128]})
+    gm.eval()
+    with torch.no_grad():
+        a = gm(input_ids=ids)[0]
+        ids2 = ids.clone()
+        ids2[:, 1500:] = (ids2[:, 1500:] + 7) % 512
+        b = gm(input_ids=ids2)[0]
+    assert torch.equal(a[:, :1500], b[:, :1500])  # no position sees a later token
+    assert not torch.equal(a[:, 1500:], b[:, 1500:])
+    gm.train()
+    opt = torch.optim.SGD(gm.parameters(), lr=0.5)
+    losses = []
+    for _ in range(3):
+        loss = gm(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+class _TinyAttn(nn.Module):
+    def __init__(self, dim=64, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+def test_fx_sdpa_node_replaced():
+    torch.manual_seed(0)
+    model = nn.Sequential(_TinyAttn(), _TinyAttn())
+    x = torch.randn(1, 1024, 64)
+    gm, ref = _compile_both(model, (x,))
+    assert isinstance(gm.pixelfly_attention, PixelflyAttention)
+    assert any(n.op == "call_module" and n.target == "pixelfly_attention" for n in gm.graph.nodes)
+    y = torch.randn(1, SEQ, 64)
+    with torch.no_grad():
+        assert _rel(gm(y), ref(y)) < 1e-4
+        assert _rel(gm(x), ref(x)) < 1e-4  # 1024 < threshold: dense on both sides
+    z = y.clone().requires_grad_()
+    gm(z).sum().backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_no_attention_found():
+    with pytest.raises(ValueError, match="no attention core"):
+        sparsify_attention(nn.Linear(4, 4))
+
+
+def test_custom_spec_and_reference_are_separate_implementations():
+    a = sparsify_attention(_gpt2(), AttentionSpec(block=32, factors=3, globals=2), min_seq=1024)
+    b = sparsify_attention(_gpt2(), reference=True)
+    assert a.config._attn_implementation != b.config._attn_implementation
+    ids = torch.randint(0, 512, (1, 1024))
+    with torch.no_grad():
+        assert torch.isfinite(a(input_ids=ids)[0]).all()
+    assert copy.deepcopy(a).config._attn_implementation == a.config._attn_implementation
