@@ -328,7 +328,10 @@ def _call(compiled: bool, name: str, fn, *args):
 
 
 class _PixelflyFn(torch.autograd.Function):
+    # custom_fwd/custom_bwd: the backward runs under the forward's autocast state, so a bf16
+    # output gradient meets bf16-cast weights instead of fp32 ones.
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx, x, blocks, u, v, bias, gidx, idx2, mode, f1, tile, compiled):
         nx, nw, nu, nv, nb = ctx.needs_input_grad[:5]
         need_w = nw or nu or nv
@@ -347,6 +350,7 @@ class _PixelflyFn(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @torch.amp.custom_bwd(device_type="cpu")
     def backward(ctx, gy):
         x, saved, blocks, u, v, gidx, idx2 = ctx.saved_tensors
         mode, f1, tile, compiled, nx, need_w, nb = ctx.cfg

@@ -112,12 +112,6 @@ def test_torch_compile_forward_backward():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="known bug: PixelflyLinear's backward mixes a bf16 output gradient with fp32 "
-    "weights under autocast ('expected scalar type Float but found BFloat16' in bmm)",
-)
 def test_autocast_bf16_forward_backward_close_to_fp32():
     gm = _compiled()
     x, y = _data(0)
