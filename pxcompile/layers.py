@@ -475,7 +475,12 @@ class PixelflyLinear(nn.Module):
                 layer.lowrank_u.copy_(uu * sq)
                 layer.lowrank_v.copy_(sq[:, None] * vv.t())
                 # ||R - U S V^T||^2 = ||R||^2 - sum(s^2) for the top singular triplets of R.
-                err2 = max(err2 - float(ss.double().square().sum()), 0.0)
+                left = err2 - float(ss.double().square().sum())
+                if left <= 1e-3 * err2:  # the subtraction cancels: compute it directly
+                    left = float(
+                        (resid.double() - (uu * ss).double() @ vv.double().t()).square().sum()
+                    )
+                err2 = max(left, 0.0)
             wn = float(torch.linalg.norm(w.double()))
             err = err2**0.5
             layer.init_error = float(err / wn) if wn > 0 else float(err)
