@@ -114,7 +114,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def model_steps(seq: int, steps: int, reps: int) -> str:
+def model_steps(seq: int, steps: int, reps: int, spec: AttentionSpec) -> str:
     """Training steps of examples/gpt.py's GPT (2 layers, width 256, 4 heads x 64, MLP 1024,
     context ``seq``): MLPs sparsified (budget 0.3) vs MLPs + Pixelfly attention."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
@@ -128,7 +128,9 @@ def model_steps(seq: int, steps: int, reps: int) -> str:
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 512, (1, seq + 1), generator=gen)  # seq inputs + next-token targets
     mlp = pxcompile.sparsify(model, 0.3, example_inputs=(ids[:, :seq],))
-    att = sparsify_attention(pxcompile.sparsify(model, 0.3, example_inputs=(ids[:, :seq],)))
+    att = sparsify_attention(
+        pxcompile.sparsify(model, 0.3, example_inputs=(ids[:, :seq],)), spec, min_seq=seq
+    )
 
     def stepper(m):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
@@ -151,7 +153,7 @@ def model_steps(seq: int, steps: int, reps: int) -> str:
         s_att()
     kept = att.pxcompile_attention.spec.density(seq, causal=True)
     return (
-        f"| GPT 2x256, seq {seq} (causal) | {t_mlp * 1e3:.0f} | {t_att * 1e3:.0f} | "
+        f"| GPT 2x256, seq {seq} (causal), {spec.block}/{spec.factors}/{spec.globals} | {t_mlp * 1e3:.0f} | {t_att * 1e3:.0f} | "
         f"{ratio:.2f}x | {kept:.3f} | {l_att[0]:.3f} -> {l_att[-1]:.3f} ({len(l_att)} steps) |"
     )
 
@@ -168,15 +170,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", action="store_true", help="GPT-style training steps at 2048")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    spec = AttentionSpec(block=args.block, factors=args.factors, globals=args.globals)
     if args.model:
         print(
             "| model | step ms, MLPs sparse | step ms, + pixelfly attention | speedup "
             "| kept (causal) | loss (with attention) |"
         )
         print("|---|---|---|---|---|---|")
-        print(model_steps(2048, steps=6, reps=3), flush=True)
+        print(model_steps(2048, steps=6, reps=3, spec=spec), flush=True)
         return
-    spec = AttentionSpec(block=args.block, factors=args.factors, globals=args.globals)
     seqs = args.seq or ([1024, 4096] if args.quick else [1024, 2048, 4096, 8192])
     print(
         f"# pixelfly attention vs dense SDPA: batch 1, {HEADS} heads x {DIM}, fp32, "

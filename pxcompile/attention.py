@@ -338,12 +338,16 @@ def _global_bias(
     if mbias is not None:
         bias = mbias[:, :, :gl, :Sg]
     if causal:
-        tri = torch.zeros(gl, Sg, dtype=like.dtype, device=like.device)
-        tri.masked_fill_(
-            torch.ones(gl, Sg, dtype=torch.bool, device=like.device).triu(1), -math.inf
-        )
+        tri = _causal_bias(gl, Sg, like.dtype, like.device)
         bias = tri if bias is None else bias + tri
     return bias
+
+
+@lru_cache(maxsize=16)
+def _causal_bias(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    tri = torch.zeros(rows, cols, dtype=dtype, device=device)
+    upper = torch.ones(rows, cols, dtype=torch.bool, device=device).triu(1)
+    return tri.masked_fill_(upper, -math.inf)
 
 
 def _add_bias4(s: Tensor, bias: Tensor, B: int, H: int) -> None:
@@ -500,8 +504,11 @@ class _PixelflyFn(torch.autograd.Function):
                 dlt = delta_all[:, :gl]
             dsg = dpg.sub_(dlt).mul_(pg)
             dq[:, :gl] = torch.baddbmm(dq.new_empty(()), dsg, k3[:, :Sg], beta=0, alpha=scale)
-            dk3[:, :Sg].baddbmm_(dsg.transpose(1, 2), q3[:, :gl], alpha=scale)
-            dv3[:, :Sg].baddbmm_(pgd.transpose(1, 2), gog)
+            # (an in-place baddbmm_ on these strided views would run one addmm per head)
+            dk3[:, :Sg] += torch.baddbmm(
+                dsg.new_empty(()), dsg.transpose(1, 2), q3[:, :gl], beta=0, alpha=scale
+            )
+            dv3[:, :Sg] += torch.bmm(pgd.transpose(1, 2), gog)
         return (
             dq.view(B, H, L, d),
             dk3.view(B, H, L, d),
