@@ -48,13 +48,9 @@ def rewritable(binding: GemmBinding, model: nn.Module | None, method: str) -> st
     """Why the GEMM behind ``binding`` can't be rewritten (None if it can)."""
     if binding.kind == "functional" and method != "fx":
         return "used functionally (F.linear on a parameter) in a model fx cannot trace"
-    if model is None:
-        pass
-    elif binding.kind == "mha_in_proj" or binding.kind == "linear" and _mha_owner(model, binding):
-        owner = binding.module if binding.kind == "mha_in_proj" else _mha_owner(model, binding)
-        mha = model.get_submodule(owner)
-        if isinstance(mha, nn.MultiheadAttention):
-            return unsupported_reason(mha)
+    owner = None if model is None else _mha_of(model, binding)
+    if owner is not None:
+        return unsupported_reason(model.get_submodule(owner))
     if binding.kind == "functional_op":
         return "weight used in a matmul other than F.linear on the parameter itself"
     if binding.kind not in ("linear", "conv1d", "mha_in_proj", "functional"):
@@ -62,9 +58,12 @@ def rewritable(binding: GemmBinding, model: nn.Module | None, method: str) -> st
     return None
 
 
-def _mha_owner(model: nn.Module, binding: GemmBinding) -> str | None:
-    """The MultiheadAttention that owns this out_proj Linear, if any."""
-    if not binding.module:
+def _mha_of(model: nn.Module, binding: GemmBinding) -> str | None:
+    """The nn.MultiheadAttention this GEMM belongs to (its packed in_proj or its out_proj
+    Linear), if any."""
+    if binding.kind == "mha_in_proj":
+        return binding.module
+    if binding.kind != "linear" or not binding.module:
         return None
     parent = binding.module.rpartition(".")[0]
     try:
@@ -122,26 +121,24 @@ def rewrite(
             errors[lp.name] = layer.init_error
         made[lp.name] = layer
 
-    # Swap modules. MultiheadAttention first: its wrapper takes the (maybe sparse) projections.
+    # Where each new layer goes, decided before anything is swapped (a swap changes the
+    # parents _mha_of looks at). A MultiheadAttention's projections go into its wrapper.
     mhas: dict[str, dict[str, nn.Module]] = {}
+    functional: dict[str, tuple[str, PixelflyLinear]] = {}
+    paths: dict[str, str] = {}
     for name, layer in made.items():
         b = traced.bindings[name]
-        if b.kind == "mha_in_proj":
-            mhas.setdefault(b.module, {})["in_proj"] = layer
-        elif b.kind == "linear" and _mha_owner(target, b):
-            mhas.setdefault(_mha_owner(target, b), {})["out_proj"] = layer
-    paths: dict[str, str] = {}
-    for name in made:
-        b = traced.bindings[name]
-        owner = b.module if b.kind == "mha_in_proj" else _mha_owner(target, b)
-        if b.kind == "mha_in_proj":
-            paths[name] = f"{owner}.in_proj" if owner else "in_proj"
-        elif owner is not None:
-            paths[name] = f"{owner}.out_proj" if owner else "out_proj"
+        owner = _mha_of(target, b)
+        if owner is not None:
+            part = "in_proj" if b.kind == "mha_in_proj" else "out_proj"
+            mhas.setdefault(owner, {})[part] = layer
+            paths[name] = f"{owner}.{part}" if owner else part
         elif b.kind == "functional":
             paths[name] = f"pixelfly_{len(paths)}_{b.weight.replace('.', '_')}"
+            functional[b.weight] = (paths[name], layer)
         else:
             paths[name] = b.module
+            _set_submodule(target, b.module, layer)
     for mname, parts in mhas.items():
         mha = target.get_submodule(mname)
         in_proj = parts.get("in_proj") or _packed_linear(mha)
@@ -153,13 +150,6 @@ def rewrite(
         for m in target.modules():
             if isinstance(m, nn.TransformerEncoder):
                 m.use_nested_tensor = False  # its fast path reads dense weights
-    functional: dict[str, tuple[str, PixelflyLinear]] = {}
-    for name, layer in made.items():
-        b = traced.bindings[name]
-        if b.kind == "functional":
-            functional[b.weight] = (paths[name], layer)
-        elif b.kind in ("linear", "conv1d") and b.module not in mhas and not _is_mha_part(b, mhas):
-            _set_submodule(target, b.module, layer)
 
     if traced.method == "fx" and traced.graph_module is not None:
         gm = _rebuild_fx(target, traced.graph_module.graph, functional)
@@ -168,10 +158,6 @@ def rewrite(
         paths = {k: f"model.{v}" for k, v in paths.items()}
     gm.train(model.training)
     return RewriteResult(gm, errors, paths)
-
-
-def _is_mha_part(b: GemmBinding, mhas: dict) -> bool:
-    return b.module.rpartition(".")[0] in mhas and b.module.endswith("out_proj")
 
 
 def _packed_linear(mha: nn.MultiheadAttention) -> nn.Linear:
