@@ -142,7 +142,7 @@ def run_check(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import api
-    from .cli import _policy, load_plan_for
+    from .cli import plan_model
     from .modelfile import load_model_file
     from .report import make_console
 
@@ -150,12 +150,7 @@ def run_check(args: argparse.Namespace) -> int:
         raise PxError(f"{args.input}: check needs a model file (.py)")
     model, inputs = load_model_file(args.input, args.model, args.inputs)
     traced = api.trace(model, inputs, name=Path(args.input).stem)
-    if args.plan:
-        plan = load_plan_for(args, traced.schema)
-    else:
-        if args.budget is None:
-            raise PxError("--budget is required (or --plan FILE), e.g. --budget 0.3")
-        plan = api._plan_traced(model, traced, args.budget, args.block or 32, _policy(args))
+    plan = plan_model(args, model, traced)
     gm = api.apply(model, plan, inputs, traced=traced, init="dense")
     res = check_compiled(model, gm, inputs, args.warn_above)
     if args.json:

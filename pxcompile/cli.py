@@ -208,6 +208,20 @@ def load_plan_for(args: argparse.Namespace, schema):
     return plan
 
 
+def plan_model(args: argparse.Namespace, model, traced):
+    """The plan for a traced model file: ``--plan FILE``, or the passes with the flags' budget,
+    block, policy and cost model (shared by compile, bench and check)."""
+    from . import api
+
+    if args.plan:
+        return load_plan_for(args, traced.schema)
+    if args.budget is None:
+        raise PxError("--budget is required (or --plan FILE), e.g. --budget 0.3")
+    return api._plan_traced(
+        model, traced, args.budget, args.block or 32, _policy(args), _cost_model(args)
+    )
+
+
 def _make_plan(args: argparse.Namespace, schema):
     from .passes.budget import plan_schema
 
@@ -332,14 +346,7 @@ def _bench_cmd(argv: list[str]) -> int:
             torch.set_num_threads(args.threads)
         model, inputs = load_model_file(args.input, args.model, args.inputs)
         traced = api.trace(model, inputs)
-        if args.plan:
-            plan = load_plan_for(args, traced.schema)
-        else:
-            if args.budget is None:
-                raise PxError("--budget is required (or --plan FILE), e.g. --budget 0.3")
-            plan = api._plan_traced(
-                model, traced, args.budget, args.block or 32, _policy(args), _cost_model(args)
-            )
+        plan = plan_model(args, model, traced)
         gm = api.apply(model, plan, inputs, traced=traced)
         c = compare(copy.deepcopy(model), gm, inputs, args.repeats)
         s = plan.summary

@@ -27,7 +27,7 @@ def progress_status(enabled: bool = True) -> Iterator:
 
 def compile_model_file(args: argparse.Namespace) -> int:
     from . import api
-    from .cli import _cost_model, _finish, _policy, load_plan_for
+    from .cli import _finish, plan_model
     from .modelfile import load_model_file
 
     err = make_console(stderr=True)
@@ -36,14 +36,7 @@ def compile_model_file(args: argparse.Namespace) -> int:
         model, inputs = load_model_file(args.input, args.model, args.inputs)
         progress("tracing")
         traced = api.trace(model, inputs, name=_stem(args.input), progress=progress)
-        if args.plan:
-            plan = load_plan_for(args, traced.schema)
-        else:
-            if args.budget is None:
-                raise PxError("--budget is required (or --plan FILE), e.g. --budget 0.3")
-            plan = api._plan_traced(
-                model, traced, args.budget, args.block or 32, _policy(args), _cost_model(args)
-            )
+        plan = plan_model(args, model, traced)
         progress("rewriting")
         gm = api.apply(model, plan, inputs, traced=traced, init=args.init, progress=progress)
         progress("verifying against the masked-dense reference")

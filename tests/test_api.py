@@ -221,3 +221,15 @@ def test_scratch_init_and_init_errors():
     gs = pxcompile.sparsify(model, 0.3, example_inputs=(x,), init="scratch")
     assert gs.pxcompile_init_errors == {}
     assert gs(x).shape == (64, 256)
+
+
+def test_plan_with_a_policy_dict_as_in_the_readme():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
+    x = torch.randn(64, 256)
+    plan = pxcompile.plan(model, 0.3, example_inputs=(x,), policy={"size_exponent": 0.5})
+    assert plan.policy["size_exponent"] == 0.5
+    dense = pxcompile.plan(
+        model, 0.3, example_inputs=(x,), policy={"rules": [{"match": "0", "dense": True}]}
+    )
+    assert not dense["0"].sparse and dense["2"].sparse
