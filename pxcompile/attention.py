@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pxcompile.patterns import check_butterfly, flat_butterfly
+from pxcompile.patterns import AttentionSpec, attention_block_mask
 
 __all__ = [
     "AttentionSpec",
@@ -63,49 +63,6 @@ TILE_ELEMS: int = 1 << 25
 # --------------------------------------------------------------------------------------------
 # spec and layout
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, order=True)
-class AttentionSpec:
-    """Hyperparameters of a Pixelfly attention pattern (sequence-independent).
-
-    ``block``: tokens per sequence block; ``factors``: butterfly factors ``f`` over sequence
-    blocks; ``globals``: number of global blocks ``g`` (first tokens attend everywhere and are
-    attended by all).
-
-    Example:
-        >>> s = AttentionSpec(block=64, factors=4, globals=1)
-        >>> round(s.density(4096), 4), round(s.density(4096, causal=True), 4)
-        (0.1069, 0.0884)
-    """
-
-    block: int = 64
-    factors: int = 4
-    globals: int = 1
-
-    def __post_init__(self) -> None:
-        if self.block < 1:
-            raise ValueError(f"attention block must be positive, got {self.block}")
-        if self.factors < 1:
-            raise ValueError(f"attention factors must be >= 1, got {self.factors}")
-        if self.globals < 0:
-            raise ValueError(f"attention globals must be >= 0, got {self.globals}")
-
-    def padded_seq(self, seq: int) -> int:
-        """The sequence length the layout is built for: ``seq`` rounded up to a multiple
-        of ``block * 2^factors``."""
-        q = self.block << self.factors
-        return -(-seq // q) * q
-
-    def layout(self, seq: int) -> BlockLayout:
-        return attention_layout(self.padded_seq(seq), self.block, self.factors, self.globals)
-
-    def density(self, seq: int, causal: bool = False) -> float:
-        """Kept fraction of the score matrix's blocks (of the lower triangle's when causal)."""
-        return self.layout(seq).density(causal)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"block": self.block, "factors": self.factors, "globals": self.globals}
 
 
 @dataclass(frozen=True, eq=False)
@@ -162,15 +119,9 @@ def attention_layout(seq: int, block: int, factors: int, globals: int = 1) -> Bl
     """
     if seq % block:
         raise ValueError(f"sequence length {seq} is not a multiple of block {block}")
-    n = seq // block
-    check_butterfly(n, factors)
-    if not 0 <= globals <= n:
-        raise ValueError(f"globals must be in [0, {n}], got {globals}")
-    m = flat_butterfly(n, factors).copy()
-    m[:, :globals] = True
-    m[:globals, :] = True
-    m.setflags(write=False)
-    return BlockLayout(seq, block, factors, globals, m)
+    return BlockLayout(
+        seq, block, factors, globals, attention_block_mask(seq // block, factors, globals)
+    )
 
 
 # --------------------------------------------------------------------------------------------

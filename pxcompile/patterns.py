@@ -153,3 +153,98 @@ def block_mask(spec: PatternSpec, out_features: int, in_features: int, block: in
 
 def mask_density(mask: np.ndarray) -> float:
     return float(mask.sum()) / mask.size
+
+
+# --------------------------------------------------------------------------------------------
+# attention patterns (over sequence blocks)
+# --------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=256)
+def attention_block_mask(n: int, factors: int, globals: int = 1) -> np.ndarray:
+    """``n x n`` block mask of Pixelfly attention: the flat butterfly over sequence blocks
+    plus ``globals`` global blocks (first rows attend everything, first columns are attended
+    by everything), before causality.
+
+    Example:
+        >>> attention_block_mask(8, 2, 1)[5].astype(int).tolist()
+        [1, 0, 0, 0, 1, 1, 0, 1]
+    """
+    check_butterfly(n, factors)
+    if not 0 <= globals <= n:
+        raise ValueError(f"globals must be in [0, {n}], got {globals}")
+    m = flat_butterfly(n, factors).copy()
+    m[:, :globals] = True
+    m[:globals, :] = True
+    m.setflags(write=False)
+    return m
+
+
+@dataclass(frozen=True, order=True)
+class AttentionSpec:
+    """Hyperparameters of a Pixelfly attention pattern (sequence-independent).
+
+    ``block``: tokens per sequence block; ``factors``: butterfly factors ``f`` over sequence
+    blocks; ``globals``: number of global blocks ``g`` (first tokens attend everywhere and are
+    attended by all).
+
+    Example:
+        >>> s = AttentionSpec(block=64, factors=4, globals=1)
+        >>> round(s.density(4096), 4), round(s.density(4096, causal=True), 4)
+        (0.1069, 0.1207)
+    """
+
+    block: int = 64
+    factors: int = 4
+    globals: int = 1
+
+    def __post_init__(self) -> None:
+        if self.block < 1:
+            raise ValueError(f"attention block must be positive, got {self.block}")
+        if self.factors < 1:
+            raise ValueError(f"attention factors must be >= 1, got {self.factors}")
+        if self.globals < 0:
+            raise ValueError(f"attention globals must be >= 0, got {self.globals}")
+
+    def padded_seq(self, seq: int) -> int:
+        """The sequence length the layout is built for: ``seq`` rounded up to a multiple
+        of ``block * 2^factors``."""
+        q = self.block << self.factors
+        return -(-seq // q) * q
+
+    def misfit(self, seq: int) -> str | None:
+        """Why this pattern can't be laid on ``seq`` tokens (None if it can)."""
+        n = self.padded_seq(seq) // self.block
+        try:
+            check_butterfly(n, self.factors)
+        except ValueError as e:
+            return str(e)
+        if self.globals > n:
+            return f"{self.globals} global blocks exceed the {n} blocks of {seq} tokens"
+        return None
+
+    def block_mask(self, seq: int, causal: bool = False) -> np.ndarray:
+        """Kept blocks of the (padded) score matrix, ``[n, n]`` over sequence blocks."""
+        m = attention_block_mask(self.padded_seq(seq) // self.block, self.factors, self.globals)
+        return np.tril(m) if causal else m
+
+    def density(self, seq: int, causal: bool = False) -> float:
+        """Kept fraction of the score matrix's blocks (of the lower triangle's when causal)."""
+        m = self.block_mask(seq, causal)
+        n = m.shape[0]
+        return float(m.sum()) / (n * (n + 1) // 2 if causal else n * n)
+
+    def compute_fraction(self, seq: int) -> float:
+        """Work relative to dense attention over ``seq`` tokens (padding included, capped
+        at 1): the density a plan counts for the scores and values GEMMs."""
+        p = self.padded_seq(seq)
+        return min(1.0, self.density(seq) * (p / seq) ** 2)
+
+    def layout(self, seq: int) -> Any:
+        """The executable :class:`pxcompile.attention.BlockLayout` (imports torch)."""
+        from .attention import attention_layout
+
+        return attention_layout(self.padded_seq(seq), self.block, self.factors, self.globals)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"block": self.block, "factors": self.factors, "globals": self.globals}
