@@ -21,7 +21,14 @@ from torch import fx, nn
 from .errors import PxError
 from .passes.budget import plan_schema
 from .passes.mapping import CostModel
-from .passes.rewrite import RewriteResult, rewritable, rewrite
+from .passes.rewrite import (
+    RewriteResult,
+    attention_calls,
+    attention_reachable,
+    install_attention,
+    rewritable,
+    rewrite,
+)
 from .passes.trace import TraceResult
 from .passes.trace import trace as _trace
 from .plans import Plan
@@ -120,6 +127,10 @@ def _plan_traced(
         why = rewritable(b, model, traced.method)
         if why:
             forced[name] = why
+    for name, site in traced.attention.items():
+        why = attention_reachable(site, model, traced.method)
+        if why:
+            forced[name] = why
     return plan_schema(traced.schema, budget, block, policy, cost_model, strict, dense=forced)
 
 
@@ -197,7 +208,8 @@ def masked_dense_reference(
     original: nn.Module, compiled: fx.GraphModule, traced: TraceResult
 ) -> nn.Module:
     """A copy of the original model whose rewritten GEMMs hold the compiled layers' dense
-    equivalent (``B + U V^T``): the reference the rewrite is checked against."""
+    equivalent (``B + U V^T``), and whose sparse attention calls are dense attention under
+    the same element mask: the reference the rewrite is checked against."""
     ref = copy.deepcopy(original)
     with torch.no_grad():
         for name, path in compiled.pxcompile_layers.items():
@@ -207,6 +219,13 @@ def masked_dense_reference(
             p.copy_(w.t() if b.kind == "conv1d" else w)
             if b.bias is not None:
                 ref.get_parameter(b.bias).copy_(compiled.get_submodule(path).bias)
+    plan = compiled.pxcompile_plan
+    calls = attention_calls(plan, traced, ref)
+    if calls is not None:
+        if traced.method == "fx" and traced.graph_module is not None:
+            # The SDPA calls to replace are nodes of the traced graph: run that graph.
+            ref = fx.GraphModule(ref, copy.deepcopy(traced.graph_module.graph))
+        install_attention(ref, calls, plan, traced.method, reference=True)
     return ref
 
 

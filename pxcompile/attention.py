@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -44,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pxcompile.patterns import AttentionSpec, attention_block_mask
+from pxcompile.policy import DEFAULT_ATTENTION_MIN_SEQ
 
 __all__ = [
     "AttentionSpec",
@@ -649,7 +651,11 @@ class PixelflyAttention(nn.Module):
 
 #: Sequence length from which Pixelfly attention (default spec) beats dense SDPA on CPU:
 #: measured with benchmarks/bench_attention.py (see benchmarks/RESULTS.md, "## Attention").
-DEFAULT_MIN_SEQ: int = 2048
+DEFAULT_MIN_SEQ: int = DEFAULT_ATTENTION_MIN_SEQ
+
+#: Set on a Hugging Face attention module that runs Pixelfly attention when
+#: :func:`sparsify_attention` was given a selection of modules.
+SPARSE_FLAG = "pxcompile_sparse_attention"
 
 
 def _module_reference(att: PixelflyAttention):
@@ -671,11 +677,13 @@ def _module_reference(att: PixelflyAttention):
     return ref
 
 
-def _hf_attention(att: Any):
-    """A transformers ``AttentionInterface`` function running ``att`` (SDPA-like callable)."""
+def _hf_attention(att: Any, selective: bool = False):
+    """A transformers ``AttentionInterface`` function running ``att`` (SDPA-like callable);
+    ``selective``: only in modules flagged with ``SPARSE_FLAG``, dense SDPA in the others."""
 
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                 is_causal=None, **kwargs):  # fmt: skip
+        run = att if not selective or getattr(module, SPARSE_FLAG, False) else _sdpa
         if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
             raise NotImplementedError("pixelfly attention: position_bias / softcap unsupported")
         rep = getattr(module, "num_key_value_groups", 1)
@@ -684,7 +692,7 @@ def _hf_attention(att: Any):
             value = value.repeat_interleave(rep, dim=1)
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
-        out = att(
+        out = run(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal,
             scale=scaling,
         )  # fmt: skip
@@ -700,12 +708,20 @@ def _is_sdpa(node: Any) -> bool:
     )
 
 
+def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
+    )
+
+
 def sparsify_attention(
     model: nn.Module,
     spec: AttentionSpec | None = None,
     min_seq: int = DEFAULT_MIN_SEQ,
     *,
     reference: bool = False,
+    nodes: Collection[str] | None = None,
+    modules: Collection[nn.Module] | None = None,
 ) -> nn.Module:
     """Make ``model``'s attention cores Pixelfly attention (in place; returns ``model``).
 
@@ -718,6 +734,10 @@ def sparsify_attention(
     Self-attention at ``min_seq`` tokens or more runs sparse, anything else (short inputs,
     cross-attention, cached decoding) dense SDPA. ``reference=True`` installs the masked-dense
     equivalent instead (same element mask, dense math): the reference for checks.
+
+    ``nodes`` (fx SDPA node names) and ``modules`` (Hugging Face attention modules) restrict
+    the change to those attention calls (the rewrite pass passes the plan's sparse ones);
+    ``None`` means every one.
     """
     from torch import fx
 
@@ -726,20 +746,20 @@ def sparsify_attention(
     done = 0
     if isinstance(model, fx.GraphModule):
         graph = model.graph
-        nodes = [n for n in graph.nodes if _is_sdpa(n)]
-        if nodes:
+        chosen = [n for n in graph.nodes if _is_sdpa(n) and (nodes is None or n.name in nodes)]
+        if chosen:
             if reference:
                 model.pixelfly_attention = _RefModule(impl)
             else:
                 model.pixelfly_attention = att
-            for node in nodes:
+            for node in chosen:
                 with graph.inserting_before(node):
                     new = graph.call_module("pixelfly_attention", node.args, dict(node.kwargs))
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
             graph.lint()
             model.recompile()
-            done += len(nodes)
+            done += len(chosen)
     try:
         from transformers import AttentionInterface, PreTrainedModel
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -747,15 +767,20 @@ def sparsify_attention(
         PreTrainedModel = None  # type: ignore[assignment]  # noqa: N806
     if PreTrainedModel is not None:
         s = att.spec
+        selective = modules is not None
         name = f"pixelfly_b{s.block}_f{s.factors}_g{s.globals}_s{min_seq}" + (
-            "_ref" if reference else ""
+            ("_ref" if reference else "") + ("_sel" if selective else "")
         )
-        AttentionInterface.register(name, _hf_attention(impl))
-        AttentionMaskInterface.register(name, sdpa_mask)
-        for m in model.modules():
-            if isinstance(m, PreTrainedModel) and m.config._attn_implementation != name:
-                m.set_attn_implementation(name)
-                done += 1
+        if selective:
+            for m in modules or ():
+                setattr(m, SPARSE_FLAG, True)
+        if not selective or modules:
+            AttentionInterface.register(name, _hf_attention(impl, selective))
+            AttentionMaskInterface.register(name, sdpa_mask)
+            for m in model.modules():
+                if isinstance(m, PreTrainedModel) and m.config._attn_implementation != name:
+                    m.set_attn_implementation(name)
+                    done += 1
     if not done:
         raise ValueError(
             f"{type(model).__name__}: no attention core found (F.scaled_dot_product_attention in "

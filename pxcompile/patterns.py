@@ -201,8 +201,8 @@ class AttentionSpec:
     def __post_init__(self) -> None:
         if self.block < 1:
             raise ValueError(f"attention block must be positive, got {self.block}")
-        if self.factors < 1:
-            raise ValueError(f"attention factors must be >= 1, got {self.factors}")
+        if not 1 <= self.factors <= 30:  # 2^30 sequence blocks is already absurd
+            raise ValueError(f"attention factors must be in [1, 30], got {self.factors}")
         if self.globals < 0:
             raise ValueError(f"attention globals must be >= 0, got {self.globals}")
 

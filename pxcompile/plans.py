@@ -16,7 +16,7 @@ import yaml
 
 from .errors import PlanError
 from .io import atomic_write_text
-from .patterns import PatternSpec, block_mask
+from .patterns import AttentionSpec, PatternSpec, block_mask
 from .schema import Gemm, LayerType, ModelSchema
 
 PLAN_VERSION = 1
@@ -25,10 +25,14 @@ TOLERANCE = 0.02  # the budget is met when achieved is in [budget - TOLERANCE, b
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What one GEMM gets: a pattern (sparse) or nothing (dense), with the reason."""
+    """What one GEMM gets: a pattern (sparse) or nothing (dense), with the reason.
+
+    Weight GEMMs take a :class:`PatternSpec`; attention's activation GEMMs (scores and values)
+    an :class:`AttentionSpec` over sequence blocks.
+    """
 
     gemm: Gemm
-    pattern: PatternSpec | None
+    pattern: PatternSpec | AttentionSpec | None
     reason: str
 
     @property
@@ -48,14 +52,27 @@ class LayerPlan:
     @property
     def density(self) -> float:
         """Kept fraction of the GEMM's weight and FLOPs, low-rank included (1 if dense)."""
-        if self.pattern is None:
+        p = self.pattern
+        if p is None:
             return 1.0
-        return self.pattern.density(self.gemm.in_features, self.gemm.out_features)
+        if isinstance(p, AttentionSpec):
+            return p.compute_fraction(self.gemm.seq or 0)
+        return p.density(self.gemm.in_features, self.gemm.out_features)
 
     @property
     def block_density(self) -> float:
         """Density of the block mask alone (what ``--masks-out`` writes)."""
-        return 1.0 if self.pattern is None else self.pattern.block_density
+        p = self.pattern
+        if p is None:
+            return 1.0
+        if isinstance(p, AttentionSpec):
+            return p.density(self.gemm.seq or 0)
+        return p.block_density
+
+    @property
+    def attention(self) -> AttentionSpec | None:
+        """The attention pattern of a sparse scores/values GEMM (None otherwise)."""
+        return self.pattern if isinstance(self.pattern, AttentionSpec) else None
 
     @property
     def flops(self) -> float:
@@ -66,7 +83,7 @@ class LayerPlan:
         g = self.gemm
         if not g.has_weight:
             return 0
-        if self.pattern is None:
+        if not isinstance(self.pattern, PatternSpec):
             return g.params
         p = self.pattern
         kept = p.kept_blocks(g.out_features, g.in_features) * p.pattern_block**2
@@ -74,13 +91,17 @@ class LayerPlan:
 
     @property
     def kept_per_row(self) -> int | None:
-        if self.pattern is None:
+        if not isinstance(self.pattern, PatternSpec):
             return None
         return self.pattern.kept_per_row(self.gemm.out_features, self.gemm.in_features)
 
     def mask(self, block: int) -> np.ndarray | None:
+        """The weight's mask over ``block`` x ``block`` hardware blocks; for attention, the
+        score matrix's mask over sequence blocks (the pattern's own block)."""
         if self.pattern is None:
             return None
+        if isinstance(self.pattern, AttentionSpec):
+            return self.pattern.block_mask(self.gemm.seq or 0)
         return block_mask(self.pattern, self.gemm.out_features, self.gemm.in_features, block)
 
 
@@ -94,6 +115,13 @@ class Summary:
     params: int
     attainable: bool
     note: str
+    attention_flops: int = 0  # dense FLOPs of attention's scores and values GEMMs
+    attention_kept: float = 0.0
+
+    @property
+    def attention_share(self) -> float:
+        """Attention's share of the model's dense FLOPs."""
+        return self.attention_flops / self.model_flops if self.model_flops else 0.0
 
     @property
     def eligible_fraction(self) -> float:
@@ -137,10 +165,21 @@ class Plan:
         return [lp for lp in self.layers if lp.sparse]
 
     @property
+    def sparse_weight_layers(self) -> list[LayerPlan]:
+        """Sparse weight GEMMs: the layers the rewrite turns into PixelflyLinear."""
+        return [lp for lp in self.layers if isinstance(lp.pattern, PatternSpec)]
+
+    @property
+    def sparse_attention_layers(self) -> list[LayerPlan]:
+        """Sparse attention GEMMs (scores and values): Pixelfly attention."""
+        return [lp for lp in self.layers if lp.attention is not None]
+
+    @property
     def summary(self) -> Summary:
         el = [lp for lp in self.layers if lp.eligible]
         ef = sum(lp.gemm.flops for lp in el)
         ek = sum(lp.flops for lp in el)
+        att = [lp for lp in self.layers if not lp.gemm.has_weight]
         attainable = not self.note
         return Summary(
             eligible_flops=ef,
@@ -151,6 +190,8 @@ class Plan:
             params=sum(lp.params for lp in self.layers),
             attainable=attainable,
             note=self.note,
+            attention_flops=sum(lp.gemm.flops for lp in att),
+            attention_kept=sum(lp.flops for lp in att),
         )
 
     def masks(self) -> dict[str, np.ndarray]:
@@ -174,6 +215,10 @@ class Plan:
                 d["calls"] = g.calls
             if g.bias:
                 d["bias"] = True
+            if g.heads is not None:
+                d["heads"] = g.heads
+            if g.seq is not None:
+                d["seq"] = g.seq
             if lp.pattern is None:
                 d["action"] = "dense"
             else:
@@ -193,6 +238,14 @@ class Plan:
                 "params": s.params,
                 "dense_params": s.dense_params,
                 "attainable": s.attainable,
+                **(
+                    {
+                        "attention_share": round(s.attention_share, 6),
+                        "attention_kept": round(s.attention_kept / s.attention_flops, 6),
+                    }
+                    if s.attention_flops
+                    else {}
+                ),
                 **({"note": s.note} if s.note else {}),
             },
             "cost_model": self.cost_model,
@@ -287,11 +340,21 @@ class Plan:
                     f"{source}: layer {g.name!r} is {lp.gemm.out_features}x{lp.gemm.in_features}"
                     f" in the plan but {g.out_features}x{g.in_features} in the model"
                 )
-            if lp.pattern is not None and not g.has_weight:
+            if isinstance(lp.pattern, PatternSpec) and not g.has_weight:
                 raise PlanError(
                     f"{source}: layer {g.name!r} is an activation GEMM ({g.type.value}); "
-                    "it has no weight to sparsify"
+                    "it has no weight to sparsify (give it an attention pattern: block, "
+                    "factors, globals)"
                 )
+            if isinstance(lp.pattern, AttentionSpec):
+                if g.has_weight:
+                    raise PlanError(
+                        f"{source}: layer {g.name!r} is a weight GEMM; an attention pattern "
+                        "(block, factors, globals) fits attention scores/values GEMMs only"
+                    )
+                why = lp.pattern.misfit(g.seq or 0) if g.seq else "its sequence length is unknown"
+                if why:
+                    raise PlanError(f"{source}: layer {g.name!r}: attention pattern: {why}")
             if lp.pattern is not None and g.shared_with:
                 raise PlanError(
                     f"{source}: layer {g.name!r} shares its weight with {g.shared_with}; "
@@ -312,16 +375,29 @@ def _layer_from_dict(e: Any, i: int, source: str, block: int) -> LayerPlan:
         ltype = LayerType(e.get("type", "other"))
     except ValueError:
         raise PlanError(f"{where}: unknown 'type' {e.get('type')!r}") from None
-    vals = {}
-    for k in ("in", "out", "rows", "calls"):
+    vals: dict[str, int | None] = {}
+    for k in ("in", "out", "rows", "calls", "heads", "seq"):
         v = e.get(k, 1 if k == "calls" else None)
+        if v is None and k in ("heads", "seq"):
+            vals[k] = None
+            continue
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise PlanError(f"{where}: '{k}' must be a positive integer, got {v!r}")
         vals[k] = v
     bias = e.get("bias", False)
     if not isinstance(bias, bool):
         raise PlanError(f"{where}: 'bias' must be true or false, got {bias!r}")
-    gemm = Gemm(name, ltype, vals["in"], vals["out"], vals["rows"], vals["calls"], bias=bias)
+    gemm = Gemm(
+        name,
+        ltype,
+        vals["in"],  # type: ignore[arg-type]
+        vals["out"],  # type: ignore[arg-type]
+        vals["rows"],  # type: ignore[arg-type]
+        vals["calls"],  # type: ignore[arg-type]
+        bias=bias,
+        heads=vals["heads"],
+        seq=vals["seq"],
+    )
     action = e.get("action")
     reason = str(e.get("reason", ""))
     if action == "dense":
@@ -331,6 +407,8 @@ def _layer_from_dict(e: Any, i: int, source: str, block: int) -> LayerPlan:
     p = e.get("pattern")
     if not isinstance(p, dict):
         raise PlanError(f"{where}: a sparse layer needs a 'pattern' mapping")
+    if "butterfly" not in p and ltype.is_activation:
+        return LayerPlan(gemm, _attention_from_dict(p, where, gemm), reason or "pattern from plan")
     unknown = set(p) - {"butterfly", "factors", "pattern_block", "rank"}
     if unknown:
         raise PlanError(f"{where}: pattern: unknown field {sorted(unknown)[0]!r}")
@@ -351,3 +429,28 @@ def _layer_from_dict(e: Any, i: int, source: str, block: int) -> LayerPlan:
     if spec.density(gemm.in_features, gemm.out_features) >= 1:
         raise PlanError(f"{where}: pattern keeps the whole weight (density >= 1)")
     return LayerPlan(gemm, spec, reason or "pattern from plan")
+
+
+def _attention_from_dict(p: dict, where: str, gemm: Gemm) -> AttentionSpec:
+    unknown = set(p) - {"block", "factors", "globals"}
+    if unknown:
+        raise PlanError(
+            f"{where}: attention pattern: unknown field {sorted(unknown)[0]!r} "
+            "(expected block, factors, globals)"
+        )
+    for k in ("block", "factors", "globals"):
+        v = p.get(k)
+        low = 0 if k == "globals" else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            kind = "non-negative" if low == 0 else "positive"
+            raise PlanError(f"{where}: pattern.{k} must be a {kind} integer, got {v!r}")
+    try:
+        spec = AttentionSpec(p["block"], p["factors"], p["globals"])
+    except ValueError as err:
+        raise PlanError(f"{where}: attention pattern: {err}") from None
+    if gemm.seq is None:
+        raise PlanError(f"{where}: a sparse attention GEMM needs its sequence length 'seq'")
+    why = spec.misfit(gemm.seq)
+    if why:
+        raise PlanError(f"{where}: attention pattern does not fit: {why}")
+    return spec

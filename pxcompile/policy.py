@@ -4,7 +4,8 @@ A :class:`Policy` is plain data (YAML-friendly) with documented defaults:
 
 * ``types``: per :class:`~pxcompile.schema.LayerType`, whether it is ``eligible`` and its
   density ``floor`` and ``ceiling``. By default MLPs, attention projections, token mixing and
-  other weight GEMMs are eligible; embeddings, heads and attention's activation GEMMs stay dense.
+  other weight GEMMs are eligible, and attention's activation GEMMs from ``attention_min_seq``
+  tokens on (ceiling 0.25); embeddings and heads stay dense.
 * ``rules``: ordered name rules that override the type's settings for matching GEMMs; the
   last matching rule wins per field. ``match`` is an exact name, a glob (``*mlp*``) or a
   regular expression with the prefix ``re:`` (``re:.*attn.*``, matched against the full name).
@@ -16,6 +17,11 @@ A :class:`Policy` is plain data (YAML-friendly) with documented defaults:
   (``rank: auto``), or ``rank``: a fixed rank for every sparse layer.
 * ``max_pattern_block``: the largest pattern block, in hardware blocks (pattern blocks are
   power-of-two multiples of the hardware block).
+* ``attention_min_seq``: attention's activation GEMMs (``attn_scores``, ``attn_values``) are
+  eligible only at this many tokens or more; below it dense attention (a fused SDPA kernel) is
+  faster (measured: ``benchmarks/RESULTS.md``, "Attention"). ``attention_block`` (tokens per
+  sequence block) and ``attention_globals`` (global blocks) fix the rest of the attention
+  pattern; the mapping pass picks its butterfly factors.
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ import yaml
 
 from .errors import PolicyError
 from .schema import Gemm, LayerType
+
+#: Sequence length from which Pixelfly attention beats dense SDPA on the project's CPU
+#: (benchmarks/bench_attention.py; benchmarks/RESULTS.md, "Attention").
+DEFAULT_ATTENTION_MIN_SEQ: int = 2048
+#: Default density ceiling of attention's scores/values GEMMs.
+ATTENTION_CEILING: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -60,7 +72,12 @@ class NameRule:
 
 def _default_types() -> dict[LayerType, TypeRule]:
     eligible = {LayerType.MLP, LayerType.ATTN_PROJ, LayerType.TOKEN_MIX, LayerType.OTHER}
-    return {t: TypeRule(eligible=t in eligible) for t in LayerType}
+    rules = {t: TypeRule(eligible=t in eligible) for t in LayerType}
+    # Above about a quarter of the score blocks, Pixelfly attention stops beating the fused
+    # dense SDPA kernel on CPU (benchmarks/RESULTS.md, "Attention"): cap attention there.
+    for t in (LayerType.ATTN_SCORES, LayerType.ATTN_VALUES):
+        rules[t] = TypeRule(eligible=True, ceiling=ATTENTION_CEILING)
+    return rules
 
 
 @dataclass(frozen=True)
@@ -84,6 +101,9 @@ class Policy:
     rank: int | None = None  # None = auto (up to lowrank_share of the density)
     rank_multiple: int = 8
     max_pattern_block: int = 4
+    attention_min_seq: int = DEFAULT_ATTENTION_MIN_SEQ
+    attention_block: int = 64
+    attention_globals: int = 1
 
     def __post_init__(self) -> None:
         for t, r in self.types.items():
@@ -122,6 +142,16 @@ class Policy:
         mpb = self.max_pattern_block
         if mpb < 1 or mpb & (mpb - 1):
             raise PolicyError(f"policy: 'max_pattern_block' must be a power of two, got {mpb}")
+        if self.attention_min_seq < 1:
+            raise PolicyError(
+                f"policy: 'attention_min_seq' must be >= 1, got {self.attention_min_seq}"
+            )
+        if self.attention_block < 1:
+            raise PolicyError(f"policy: 'attention_block' must be >= 1, got {self.attention_block}")
+        if self.attention_globals < 0:
+            raise PolicyError(
+                f"policy: 'attention_globals' must be >= 0, got {self.attention_globals}"
+            )
 
     # -- resolution -----------------------------------------------------------------------
     def resolve(self, gemm: Gemm, block: int) -> Resolved:
@@ -146,7 +176,13 @@ class Policy:
             if gemm.shared_with:
                 why = f"weight shared with {gemm.shared_with}"
             elif not gemm.has_weight:
-                why = "activation GEMM (attention sparsity is not enabled)"
+                if gemm.seq is None:
+                    why = "attention GEMM of unknown sequence length"
+                elif gemm.seq < self.attention_min_seq:
+                    why = (
+                        f"sequence {gemm.seq} is under attention_min_seq "
+                        f"{self.attention_min_seq} (dense attention is faster there)"
+                    )
             else:
                 small = min(gemm.in_features, gemm.out_features)
                 if small < self.min_blocks * block:
@@ -172,6 +208,9 @@ class Policy:
             "rank": "auto" if self.rank is None else self.rank,
             "rank_multiple": self.rank_multiple,
             "max_pattern_block": self.max_pattern_block,
+            "attention_min_seq": self.attention_min_seq,
+            "attention_block": self.attention_block,
+            "attention_globals": self.attention_globals,
         }
 
     @classmethod
@@ -218,7 +257,14 @@ class Policy:
             kw["rules"] = base.rules + tuple(
                 _name_rule(r, f"{source}: rules[{i}]") for i, r in enumerate(raw)
             )
-        for k in ("min_blocks", "rank_multiple", "max_pattern_block"):
+        for k in (
+            "min_blocks",
+            "rank_multiple",
+            "max_pattern_block",
+            "attention_min_seq",
+            "attention_block",
+            "attention_globals",
+        ):
             if k in data:
                 kw[k] = _int(data[k], f"{source}: {k}")
         for k in ("size_exponent", "lowrank_share"):

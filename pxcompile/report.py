@@ -50,6 +50,13 @@ def plan_table(plan: Plan, extra_columns: dict[str, dict[str, str]] | None = Non
             pat = rank = kpr = "-"
             dens = mdens = "1"
             style = "dim"
+        elif lp.attention is not None:
+            a = lp.attention
+            pat = f"attn {a.block}/{a.factors}/g{a.globals}"
+            rank = kpr = "-"
+            mdens = f"{lp.block_density:.4f}"
+            dens = f"{lp.density:.4f}"
+            style = ""
         else:
             p = lp.pattern
             pat = f"{p.butterfly}/{p.factors}/{p.pattern_block}"
@@ -108,7 +115,7 @@ def model_predicted_speedup(plan: Plan) -> float:
     model = COST_MODELS["calibrated-cpu"]
     dense = sum(model.dense_cost(lp.gemm) for lp in plan.layers)
     sparse = sum(
-        model.dense_cost(lp.gemm) if lp.pattern is None else model.sparse_cost(lp.gemm, lp.pattern)
+        model.dense_cost(lp.gemm) / predicted_speedup(lp.gemm, lp.pattern, model)
         for lp in plan.layers
     )
     return dense / sparse if sparse else 1.0
@@ -122,6 +129,18 @@ def summary_lines(plan: Plan) -> list[str]:
         f"(dense GEMMs included); params {s.params / max(s.dense_params, 1):.4f} of dense; "
         f"predicted GEMM speedup on CPU {model_predicted_speedup(plan):.2f}x"
     ]
+    if s.attention_flops:
+        att = plan.sparse_attention_layers
+        lines.append(
+            f"attention (scores and values): {s.attention_share:.4f} of the model's compute, "
+            f"keeps {s.attention_kept / s.attention_flops:.4f} of it"
+            + (
+                f" (Pixelfly attention {att[0].attention.to_dict()}, sparse from "  # type: ignore[union-attr]
+                f"{plan.policy.get('attention_min_seq', '?')} tokens)"
+                if att
+                else " (dense)"
+            )
+        )
     if s.note:
         lines.append(f"not attainable: {s.note}")
     return lines
@@ -198,13 +217,20 @@ def draw_png_bytes(plan: Plan, max_panels: int = 12) -> bytes:
     distinct: dict[tuple, tuple[str, np.ndarray, str]] = {}
     for lp in plan.sparse_layers:
         g, p = lp.gemm, lp.pattern
-        key = (g.out_features, g.in_features, p)
+        a = lp.attention
+        key = ("attention", g.seq, a) if a is not None else (g.out_features, g.in_features, p)
         if key not in distinct:
             m = lp.mask(plan.block)
-            title = (
-                f"{g.out_features}x{g.in_features}\nn={p.butterfly} f={p.factors} "
-                f"pb={p.pattern_block} r={p.rank}\nmask {lp.block_density:.3f}"
-            )
+            if a is not None:
+                title = (
+                    f"attention, {g.seq} tokens\nblock={a.block} f={a.factors} "
+                    f"g={a.globals}\nmask {lp.block_density:.3f}"
+                )
+            else:
+                title = (
+                    f"{g.out_features}x{g.in_features}\nn={p.butterfly} f={p.factors} "
+                    f"pb={p.pattern_block} r={p.rank}\nmask {lp.block_density:.3f}"
+                )
             distinct[key] = (g.name, m, title)
     panels = list(distinct.values())[:max_panels]
     k = max(len(panels), 1)
@@ -268,11 +294,13 @@ def print_schema(traced, console: Console | None = None) -> None:
         )
     for g in schema.gemms:
         b = traced.bindings.get(g.name)
-        how = (
-            "-"
-            if b is None
-            else b.kind + (f" (shared with {g.shared_with})" if g.shared_with else "")
-        )
+        site = getattr(traced, "attention", {}).get(g.name)
+        if b is not None:
+            how = b.kind + (f" (shared with {g.shared_with})" if g.shared_with else "")
+        elif site is not None:
+            how = f"attention ({site.via}), {g.seq} tokens"
+        else:
+            how = "-"
         t.add_row(
             g.name,
             g.type.value,

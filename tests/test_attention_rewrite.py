@@ -28,16 +28,14 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def _compile_both(model, inputs):
-    """(compiled: MLPs by budget + pixelfly attention, reference: masked-dense for both)."""
+def _compile_both(model, inputs, policy=None):
+    """(compiled at budget 0.3 from example inputs of SEQ tokens, so the plan sparsifies
+    attention too; its masked-dense reference: same weights, same element mask)."""
     traced = api.trace(model, inputs)
-    plan = api.plan(traced, 0.3, 32)
+    plan = api.plan(traced, 0.3, 32, policy=policy)
+    assert plan.sparse_attention_layers, [lp.reason for lp in plan.layers]
     gm = api.apply(model, plan, inputs, traced=traced)
     ref = api.masked_dense_reference(model, gm, traced)
-    if not isinstance(ref, transformers.PreTrainedModel):
-        ref = torch.fx.symbolic_trace(ref)
-    sparsify_attention(gm)
-    sparsify_attention(ref, reference=True)
     return gm, ref
 
 
@@ -79,7 +77,7 @@ def test_hf_models_match_masked_dense(make):
     ids, mask = _ids()
     with torch.no_grad():
         dense = model(input_ids=ids, attention_mask=mask)[0]
-    gm, ref = _compile_both(model, {"input_ids": ids[:, :128]})
+    gm, ref = _compile_both(model, {"input_ids": ids[:1]})
     assert gm.model.config._attn_implementation.startswith("pixelfly_")
     with torch.no_grad():
         for kw in ({"attention_mask": mask}, {}):
@@ -97,7 +95,7 @@ def test_hf_models_match_masked_dense(make):
 def test_gpt2_causality_and_training_step():
     model = _gpt2().train()
     ids, _ = _ids(1)
-    gm, _ = _compile_both(model.eval(), {"input_ids": ids[:, :128]})
+    gm, _ = _compile_both(model.eval(), {"input_ids": ids})
     gm.eval()
     with torch.no_grad():
         a = gm(input_ids=ids)[0]
@@ -136,10 +134,10 @@ def test_fx_sdpa_node_replaced():
     torch.manual_seed(0)
     model = nn.Sequential(_TinyAttn(), _TinyAttn())
     x = torch.randn(1, 1024, 64)
-    gm, ref = _compile_both(model, (x,))
+    y = torch.randn(1, SEQ, 64)
+    gm, ref = _compile_both(model, (y,))
     assert isinstance(gm.pixelfly_attention, PixelflyAttention)
     assert any(n.op == "call_module" and n.target == "pixelfly_attention" for n in gm.graph.nodes)
-    y = torch.randn(1, SEQ, 64)
     with torch.no_grad():
         assert _rel(gm(y), ref(y)) < 1e-4
         assert _rel(gm(x), ref(x)) < 1e-4  # 1024 < threshold: dense on both sides
@@ -161,3 +159,96 @@ def test_custom_spec_and_reference_are_separate_implementations():
     with torch.no_grad():
         assert torch.isfinite(a(input_ids=ids)[0]).all()
     assert copy.deepcopy(a).config._attn_implementation == a.config._attn_implementation
+
+
+def test_plan_gradients_match_masked_dense_reference():
+    torch.manual_seed(0)
+    model = nn.Sequential(_TinyAttn(), _TinyAttn())
+    y = torch.randn(1, SEQ, 64)
+    gm, ref = _compile_both(model, (y,))
+    a, b = y.clone().requires_grad_(), y.clone().requires_grad_()
+    gm(a).pow(2).sum().backward()
+    ref(b).pow(2).sum().backward()
+    assert _rel(a.grad, b.grad) < 1e-4
+    # the dense layers' weights (the attention projections stay what the plan says)
+    for name, p in ref.named_parameters():
+        if name.endswith("weight") and name in dict(gm.named_parameters()):
+            assert _rel(dict(gm.named_parameters())[name].grad, p.grad) < 1e-4
+
+
+def test_attention_under_min_seq_stays_dense_with_reason():
+    model = nn.Sequential(_TinyAttn())
+    plan = api.plan(model, 0.3, 32, example_inputs=(torch.randn(1, 1024, 64),))
+    lp = plan["0.scores"]
+    assert not lp.sparse and "under attention_min_seq 2048" in lp.reason
+    plan = api.plan(
+        model, 0.3, 32, example_inputs=(torch.randn(1, 1024, 64),),
+        policy={"attention_min_seq": 1024},
+    )  # fmt: skip
+    assert plan["0.scores"].attention is not None
+
+
+class _ChainAttn(_TinyAttn):
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1) / 32**0.5).softmax(-1)
+        return self.out((a @ v).transpose(1, 2).reshape(B, L, D))
+
+
+def test_unreachable_attention_stays_dense_with_reason():
+    x = torch.randn(1, SEQ, 64)
+    plan = api.plan(nn.Sequential(_ChainAttn()), 0.3, 32, example_inputs=(x,))
+    assert not plan["0.scores"].sparse and "matmul, softmax, matmul" in plan["0.scores"].reason
+    mha = nn.MultiheadAttention(64, 2, batch_first=True)
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    plan = api.plan(M(), 0.3, 32, example_inputs=(x,))
+    att = [lp for lp in plan.layers if not lp.gemm.has_weight]
+    assert att and all("MultiheadAttention" in lp.reason for lp in att)
+
+
+def test_plan_attention_errors_are_one_line(tmp_path):
+    from dataclasses import replace
+
+    from pxcompile.errors import PlanError
+
+    model = nn.Sequential(_TinyAttn(), _TinyAttn())
+    y = torch.randn(1, SEQ, 64)
+    traced = api.trace(model, (y,))
+    plan = api.plan(traced, 0.3, 32)
+    layers = [
+        replace(lp, pattern=AttentionSpec(64, 3, 1)) if lp.name.startswith("1.") and lp.attention
+        else lp
+        for lp in plan.layers
+    ]  # fmt: skip
+    with pytest.raises(PlanError, match="different patterns"):
+        api.apply(model, replace(plan, layers=layers), (y,), traced=traced)
+    layers = [replace(lp, pattern=None) if lp.name == "0.values" else lp for lp in plan.layers]
+    with pytest.raises(PlanError, match="'0.scores' is sparse but '0.values' is dense"):
+        api.apply(model, replace(plan, layers=layers), (y,), traced=traced)
+    # a plan file round trip keeps the attention pattern
+    path = tmp_path / "plan.yaml"
+    plan.save(path)
+    again = type(plan).load(path).check_against(traced.schema)
+    assert [lp.pattern for lp in again.layers] == [lp.pattern for lp in plan.layers]
+
+
+@pytest.mark.slow
+def test_hf_plan_with_some_attention_dense_is_selective():
+    model = _gpt2()
+    ids, _ = _ids(1)
+    policy = {"rules": [{"match": "transformer.h.1.attn.*", "dense": True}]}
+    gm, ref = _compile_both(model, {"input_ids": ids}, policy=policy)
+    att = [m for m in gm.modules() if type(m).__name__ == "GPT2Attention"]
+    assert getattr(att[0], "pxcompile_sparse_attention", False)
+    assert not getattr(att[1], "pxcompile_sparse_attention", False)
+    with torch.no_grad():
+        assert _rel(gm(input_ids=ids)[0], ref(input_ids=ids)[0]) < 1e-4

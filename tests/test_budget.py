@@ -458,3 +458,29 @@ def test_swappable_cost_model():
     plan = plan_schema(s, 0.3, 32, cost_model=FlopsOnly())
     assert plan.cost_model == "flops"
     assert plan.summary.eligible_fraction <= 0.3 + 1e-9
+
+
+def test_attention_gemms_share_a_pattern_and_stay_monotone_in_length():
+    gemms = []
+    for seq in (2048, 8192):
+        gemms += [
+            Gemm(f"s{seq}.mlp", LayerType.MLP, 768, 3072, rows=seq),
+            Gemm(
+                f"s{seq}.scores", LayerType.ATTN_SCORES, 64, seq, rows=12 * seq, heads=12, seq=seq
+            ),
+            Gemm(
+                f"s{seq}.values", LayerType.ATTN_VALUES, seq, 64, rows=12 * seq, heads=12, seq=seq
+            ),
+        ]
+    gemms.append(Gemm("short.scores", LayerType.ATTN_SCORES, 64, 1024, rows=1024, seq=1024))
+    p = plan_schema(ModelSchema("m", gemms), 0.2, 32)
+    for seq in (2048, 8192):
+        assert p[f"s{seq}.scores"].attention is not None
+        assert p[f"s{seq}.scores"].pattern == p[f"s{seq}.values"].pattern
+    assert p["s8192.scores"].density <= p["s2048.scores"].density
+    assert not p["short.scores"].sparse and "attention_min_seq" in p["short.scores"].reason
+    s = p.summary  # 8192-token attention can't keep more than ~0.08: a reasoned shortfall
+    assert s.eligible_fraction <= 0.2 + 1e-9
+    assert s.attainable or "density ceilings" in s.note
+    off = plan_schema(ModelSchema("m", gemms), 0.2, 32, Policy(attention_min_seq=16384))
+    assert not off.sparse_attention_layers

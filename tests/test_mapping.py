@@ -211,3 +211,23 @@ def test_calibrated_cost_and_predicted_speedup():
     cm = CalibratedCost()
     assert cm.sparse_cost(g, PatternSpec(24, 2, 32)) < cm.sparse_cost(g, sparse)
     assert set(COST_MODELS) == {"flops+blocks", "calibrated-cpu"}
+
+
+def test_attention_menu():
+    from pxcompile.passes.mapping import attention_menu
+    from pxcompile.patterns import AttentionSpec
+
+    pol = Policy()
+    g = Gemm("a.scores", LayerType.ATTN_SCORES, 64, 4096, rows=12 * 4096, heads=12, seq=4096)
+    res = pol.resolve(g, 32)
+    m = attention_menu(g, pol, res)
+    assert m and all(isinstance(c.spec, AttentionSpec) for c in m)
+    assert [c.density for c in m] == sorted(c.density for c in m)
+    assert all(c.spec.block == 64 and c.spec.globals == 1 for c in m)
+    assert all(res.floor <= c.density <= 0.25 for c in m)  # the attention ceiling
+    assert menu_of(g) == m  # menu() dispatches on activation GEMMs
+    assert attention_menu(Gemm("x", LayerType.ATTN_SCORES, 64, 64, rows=64), pol, res) == []
+    # padding to a multiple of block * 2^f is counted
+    odd = Gemm("o.scores", LayerType.ATTN_SCORES, 64, 3000, rows=3000, seq=3000)
+    for c in attention_menu(odd, pol, pol.resolve(odd, 32)):
+        assert c.density >= c.spec.density(3000) * (c.spec.padded_seq(3000) / 3000) ** 2 - 1e-12

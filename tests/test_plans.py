@@ -327,3 +327,73 @@ def test_plan_without_budget_is_accepted(tmp_path):
     del d["summary"]
     p = load_text(tmp_path, d).check_against(schema())
     assert p.budget is None and p.note == ""
+
+
+# -- attention patterns ----------------------------------------------------------------------
+def long_schema(seq: int = 4096) -> ModelSchema:
+    return ModelSchema(
+        "long",
+        [
+            Gemm("l0.mlp", LayerType.MLP, 768, 3072, rows=seq),
+            Gemm(
+                "l0.attn.scores", LayerType.ATTN_SCORES, 64, seq, rows=12 * seq, heads=12, seq=seq
+            ),
+            Gemm(
+                "l0.attn.values", LayerType.ATTN_VALUES, seq, 64, rows=12 * seq, heads=12, seq=seq
+            ),
+        ],
+    )
+
+
+def test_attention_pattern_round_trips_and_counts(tmp_path):
+    from pxcompile.patterns import AttentionSpec
+
+    p = plan_schema(long_schema(), 0.3, 32)
+    lp = p["l0.attn.scores"]
+    assert isinstance(lp.pattern, AttentionSpec) and lp.attention == p["l0.attn.values"].attention
+    assert lp.params == 0 and lp.kept_per_row is None
+    assert lp.density == pytest.approx(lp.attention.compute_fraction(4096))
+    assert lp.mask(32).shape == (64, 64)  # over 64-token sequence blocks
+    assert [x.name for x in p.sparse_attention_layers] == ["l0.attn.scores", "l0.attn.values"]
+    assert [x.name for x in p.sparse_weight_layers] == ["l0.mlp"]
+    s = p.summary
+    assert 0 < s.attention_share < 1 and s.attention_kept == pytest.approx(2 * lp.flops, rel=1e-9)
+    d = p.to_dict()
+    row = d["layers"][1]
+    assert row["pattern"] == lp.attention.to_dict() and row["seq"] == 4096 and row["heads"] == 12
+    assert "attention_share" in d["summary"]
+    path = tmp_path / "p.yaml"
+    p.save(path)
+    again = Plan.load(path)
+    assert again.to_yaml() == p.to_yaml()
+    assert again.check_against(long_schema()).to_yaml() == p.to_yaml()
+
+
+@pytest.mark.parametrize(
+    "pattern, match",
+    [
+        ({"block": 64, "factors": 4}, r"pattern.globals must be a non-negative integer"),
+        ({"block": 64, "factors": 4, "globals": 1, "rank": 2}, "unknown field 'rank'"),
+        ({"block": 0, "factors": 4, "globals": 1}, "pattern.block must be a positive"),
+        ({"block": 64, "factors": 99, "globals": 1}, r"factors must be in \[1, 30\]"),
+        ({"block": 4096, "factors": 1, "globals": 3}, "does not fit: 3 global blocks exceed"),
+    ],
+)
+def test_bad_attention_patterns_name_the_layer(tmp_path, pattern, match):
+    d = plan_schema(long_schema(), 0.3, 32).to_dict()
+    d["layers"][1]["pattern"] = pattern
+    with pytest.raises(PlanError, match=match) as ei:
+        load_text(tmp_path, d)
+    assert "l0.attn.scores" in one_line(ei)
+
+
+def test_attention_pattern_on_a_weight_and_missing_seq(tmp_path):
+    d = plan_schema(long_schema(), 0.3, 32).to_dict()
+    d["layers"][0]["type"] = "attn_scores"  # a weight GEMM's row, typed as attention
+    d["layers"][0]["pattern"] = {"block": 64, "factors": 2, "globals": 1}
+    with pytest.raises(PlanError, match="needs its sequence length 'seq'"):
+        load_text(tmp_path, d)
+    d = plan_schema(long_schema(), 0.3, 32).to_dict()
+    d["layers"][0]["pattern"] = {"block": 64, "factors": 2, "globals": 1}
+    with pytest.raises(PlanError, match="unknown field 'block'"):
+        load_text(tmp_path, d)  # an mlp layer takes a butterfly pattern

@@ -28,9 +28,17 @@ def one_line_policy_error(fn, *args, match: str | None = None) -> str:
 def test_default_types():
     p = Policy()
     eligible = {t for t, r in p.types.items() if r.eligible}
-    assert eligible == {LayerType.MLP, LayerType.ATTN_PROJ, LayerType.TOKEN_MIX, LayerType.OTHER}
+    assert eligible == {
+        LayerType.MLP,
+        LayerType.ATTN_PROJ,
+        LayerType.TOKEN_MIX,
+        LayerType.OTHER,
+        LayerType.ATTN_SCORES,
+        LayerType.ATTN_VALUES,
+    }
     assert set(p.types) == set(LayerType)
     assert p.min_blocks == 4 and p.rank is None
+    assert p.attention_min_seq == 2048 and p.types[LayerType.ATTN_SCORES].ceiling == 0.25
 
 
 def test_defaults_round_trip_through_plain_data():
@@ -119,10 +127,28 @@ def test_shared_weight_stays_dense_with_reason_even_if_a_rule_asks():
     assert p.resolve(g, 32).dense_reason == "weight shared with wte"
 
 
-def test_activation_gemm_stays_dense_even_if_a_rule_asks():
-    g = Gemm("attn.scores", LayerType.ATTN_SCORES, 64, 1024, rows=1024, heads=12, seq=1024)
+def test_attention_gemm_is_eligible_only_from_attention_min_seq():
+    short = Gemm("attn.scores", LayerType.ATTN_SCORES, 64, 1024, rows=1024, heads=12, seq=1024)
     p = Policy.from_dict({"rules": [{"match": "attn.scores", "dense": False}]})
-    assert "activation GEMM" in p.resolve(g, 32).dense_reason
+    assert "under attention_min_seq 2048" in p.resolve(short, 32).dense_reason
+    long = Gemm("attn.scores", LayerType.ATTN_SCORES, 64, 4096, rows=4096, heads=12, seq=4096)
+    assert p.resolve(long, 32).dense_reason is None
+    # ... and the block rules of weights don't apply: 64-wide heads are fine at block 128
+    assert Policy().resolve(long, 128).dense_reason is None
+    assert Policy(attention_min_seq=8192).resolve(long, 32).dense_reason is not None
+    unknown = Gemm("attn.values", LayerType.ATTN_VALUES, 4096, 64, rows=4096)
+    assert "unknown sequence length" in Policy().resolve(unknown, 32).dense_reason
+    off = Policy.from_dict({"types": {"attn_scores": {"eligible": False}}})
+    assert "stays dense (policy)" in off.resolve(long, 32).dense_reason
+
+
+def test_attention_fields_round_trip_and_validate():
+    p = Policy().with_overrides(["attention_min_seq=4096", "attention_block=32"])
+    assert (p.attention_min_seq, p.attention_block, p.attention_globals) == (4096, 32, 1)
+    assert Policy.from_dict(p.to_dict()) == p
+    for bad in ("attention_min_seq=0", "attention_block=-1", "attention_globals=-2"):
+        with pytest.raises(PolicyError, match=bad.split("=")[0]):
+            Policy().with_overrides([bad])
 
 
 def test_small_and_misaligned_layers_stay_dense_with_reason():

@@ -195,3 +195,30 @@ def test_write_outputs_failure_midway_removes_what_it_wrote(tmp_path, monkeypatc
         )
     # the new file is gone again; a file that existed before keeps its (new) content whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.yaml"]
+
+
+def test_attention_rows_share_and_pictures():
+    seq = 4096
+    s = ModelSchema(
+        "long",
+        [
+            Gemm("l0.fc1", LayerType.MLP, 512, 2048, rows=seq),
+            Gemm("l0.attn.scores", LayerType.ATTN_SCORES, 64, seq, rows=8 * seq, heads=8, seq=seq),
+            Gemm("l0.attn.values", LayerType.ATTN_VALUES, seq, 64, rows=8 * seq, heads=8, seq=seq),
+        ],
+    )
+    p = plan_schema(s, 0.3, 32)
+    a = p["l0.attn.scores"].attention
+    out = render(p)
+    assert f"attn {a.block}/{a.factors}/g{a.globals}" in out
+    assert "attention (scores and values):" in out and "sparse from 2048 tokens" in out
+    j = report.plan_json(p)
+    row = j["layers"][1]
+    assert row["predicted_speedup"] > 1 and row["kept_per_row"] is None
+    assert j["summary"]["attention_share"] == pytest.approx(p.summary.attention_share, abs=1e-6)
+    assert report.model_predicted_speedup(p) > 1
+    masks = np.load(io.BytesIO(report.masks_npz_bytes(p)))
+    assert masks["l0.attn.scores"].shape == (seq // a.block, seq // a.block)
+    assert report.draw_png_bytes(p).startswith(b"\x89PNG")
+    dense = plan_schema(s, 0.3, 32, Policy(attention_min_seq=8192))
+    assert "keeps 1.0000 of it (dense)" in render(dense)

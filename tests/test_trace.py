@@ -168,6 +168,8 @@ def test_mha_cross_attention_rows_keep_flops():
         assert inp.flops == 2 * 16 * 16 * (2 * 4 + 2 * 2 * 7), method
         s = r.schema["attn.scores"]
         assert (s.in_features, s.out_features, s.rows, s.seq, s.heads) == (8, 7, 2 * 2 * 4, 7, 2)
+        if method == "fx":  # export decomposes the MHA into aten ops
+            assert r.attention["attn.scores"].via == "mha"
 
 
 def test_manual_qkv_with_sdpa_and_written_out_attention():
@@ -182,6 +184,14 @@ def test_manual_qkv_with_sdpa_and_written_out_attention():
     assert s["fc1"].type == s["fc2"].type == L.MLP
     check_attention(r, "attn", batch=2, heads=4, seq=8, hd=8)  # F.scaled_dot_product_attention
     check_attention(r, "attn2", batch=2, heads=4, seq=8, hd=8)  # q @ k^T, softmax, @ v
+    # how the rewrite can reach each attention core
+    assert r.attention["attn.scores"].via == r.attention["attn.values"].via == "sdpa"
+    assert r.attention["attn.scores"].nodes and all(
+        any(n.name == node for n in r.graph_module.graph.nodes)
+        for node in r.attention["attn.scores"].nodes
+    )
+    assert r.attention["attn2.scores"].via == "chain" and not r.attention["attn2.scores"].nodes
+    assert set(r.attention) == {g.name for g in s.gemms if not g.has_weight}
 
 
 def test_functional_weights_and_repeated_calls():
@@ -298,6 +308,7 @@ def test_gpt2(gpt2):
         assert s[f"{p}.mlp.c_fc"].rows == 24 and s[f"{p}.mlp.c_fc"].bias
         assert r.bindings[f"{p}.mlp.c_fc"].kind == "conv1d"
         check_attention(r, f"{p}.attn", batch=2, heads=4, seq=12, hd=16)
+        assert r.attention[f"{p}.attn.scores"].via == "hf"  # reached via AttentionInterface
     head = s["lm_head"]
     assert (head.type, head.in_features, head.out_features, head.rows) == (L.HEAD, 64, 100, 24)
     assert head.shared_with == "transformer.wte.weight" and not head.bias

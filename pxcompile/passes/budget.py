@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import BudgetNotAttainable, PxError
-from ..patterns import PatternSpec
+from ..patterns import AttentionSpec, PatternSpec
 from ..plans import TOLERANCE, LayerPlan, Plan
 from ..policy import Policy
 from ..schema import Gemm, ModelSchema
@@ -86,34 +86,33 @@ def plan_schema(
         if res.dense_reason or g.name in forced:
             why_dense[g.name] = res.dense_reason or forced[g.name]
             continue
-        key = (
-            g.type.value,
-            g.in_features,
-            g.out_features,
-            res.floor,
-            res.ceiling,
-            res.pinned,
-            res.rank,
-        )
+        if g.has_weight:
+            shape: tuple = (g.type.value, g.in_features, g.out_features)
+            type_key, size = g.type.value, g.in_features * g.out_features
+        else:
+            # An attention call's scores and values GEMMs share one pattern: one class.
+            shape = ("attention", g.seq)
+            type_key, size = "attention", (g.seq or 0) ** 2
+        key = (*shape, res.floor, res.ceiling, res.pinned, res.rank)
         cls = classes.get(key)
         if cls is None:
             opts = menu(g, block, policy, res, cost_model)
             if not opts:
-                why_dense[g.name] = (
-                    f"no butterfly pattern fits {g.out_features}x{g.in_features} at block "
-                    f"{block} within density [{res.floor:g}, {res.ceiling:g}]"
+                what = (
+                    f"butterfly pattern fits {g.out_features}x{g.in_features} at block {block}"
+                    if g.has_weight
+                    else f"attention pattern of block {policy.attention_block} fits {g.seq} tokens"
                 )
+                why_dense[g.name] = f"no {what} within density [{res.floor:g}, {res.ceiling:g}]"
                 continue
-            cls = classes[key] = _Class(
-                [], opts, g.type.value, g.in_features * g.out_features, res.pinned
-            )
+            cls = classes[key] = _Class([], opts, type_key, size, res.pinned)
         cls.members.append(g)
 
     for key, why in _monotone_menus(classes).items():
         for g in classes.pop(key).members:
             why_dense[g.name] = why
     note = _allocate(list(classes.values()), budget, policy)
-    picks: dict[str, tuple[PatternSpec, str]] = {}
+    picks: dict[str, tuple[PatternSpec | AttentionSpec, str]] = {}
     for c in classes.values():
         ch = c.options[c.pick]
         why = (

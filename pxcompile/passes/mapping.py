@@ -5,6 +5,10 @@ For one GEMM it enumerates every pattern that fits the weight exactly at the har
 :class:`CostModel`, and keeps a *menu*: the achievable densities, each with its cheapest
 pattern. Among choices of nearly equal density the cheaper one wins, which with the default
 cost model means fewer, larger blocks per row. The budget pass picks from the menu.
+
+Attention's scores and values GEMMs get an :class:`AttentionSpec` menu instead: the policy
+fixes the sequence block and the global blocks, the menu offers the butterfly factors, priced
+by the FLOPs of the blocks they keep (padding to a multiple of ``block * 2^f`` included).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..patterns import PatternSpec
+from ..patterns import AttentionSpec, PatternSpec
 from ..policy import Policy, Resolved
 from ..schema import Gemm
 
@@ -83,6 +87,11 @@ class CalibratedCost:
         return per_row * gemm.rows * gemm.calls
 
 
+# Pixelfly attention runs at about 1 / (2.7 x kept work) of dense SDPA's time on the project's
+# CPU (benchmarks/RESULTS.md, "Attention": 1.5x at 2048 tokens and kept 0.21, 3.5x at 4096 and
+# 0.11, 7x at 8192 and 0.054, non-causal): gathers and a non-fused softmax cost the rest.
+ATTENTION_OVERHEAD: float = 2.7
+
 # Planning uses FLOPs + blocks (the rule the plan format documents); the calibrated model
 # predicts the speedup shown in reports, and can plan too (``--cost-model calibrated-cpu``).
 DEFAULT_COST_MODEL: CostModel = FlopsBlockCost()
@@ -90,12 +99,15 @@ COST_MODELS: dict[str, CostModel] = {m.name: m for m in (FlopsBlockCost(), Calib
 
 
 def predicted_speedup(
-    gemm: Gemm, spec: PatternSpec | None, model: CostModel | None = None
+    gemm: Gemm, spec: PatternSpec | AttentionSpec | None, model: CostModel | None = None
 ) -> float:
-    """Dense time / sparse time of one GEMM under the calibrated CPU cost model."""
+    """Dense time / sparse time of one GEMM under the calibrated CPU cost model (attention:
+    the kept work's inverse over ``ATTENTION_OVERHEAD``)."""
     model = model or COST_MODELS["calibrated-cpu"]
     if spec is None:
         return 1.0
+    if isinstance(spec, AttentionSpec):
+        return 1.0 / (ATTENTION_OVERHEAD * spec.compute_fraction(gemm.seq or 1))
     return model.dense_cost(gemm) / model.sparse_cost(gemm, spec)
 
 
@@ -103,13 +115,9 @@ def predicted_speedup(
 class Choice:
     """One achievable pattern for a GEMM and what it costs."""
 
-    spec: PatternSpec
-    density: float  # butterfly + low-rank, relative to the dense weight
+    spec: PatternSpec | AttentionSpec
+    density: float  # butterfly + low-rank, relative to the dense weight (attention: work)
     cost: float
-
-    @property
-    def block_density(self) -> float:
-        return self.spec.block_density
 
 
 def _divisors(n: int) -> list[int]:
@@ -145,6 +153,29 @@ def _ranks(gemm: Gemm, spec: PatternSpec, policy: Policy, resolved: Resolved) ->
     return list(range(0, top + 1, step))
 
 
+def attention_menu(gemm: Gemm, policy: Policy, resolved: Resolved) -> list[Choice]:
+    """Attention patterns for a scores/values GEMM of ``gemm.seq`` tokens, by rising density:
+    one per butterfly factor count that fits, within the floor and ceiling."""
+    seq = gemm.seq
+    if not seq:
+        return []
+    out: list[Choice] = []
+    f = 1
+    while (policy.attention_block << f) <= 2 * seq and f <= 30:
+        spec = AttentionSpec(policy.attention_block, f, policy.attention_globals)
+        if spec.misfit(seq) is None:
+            d = spec.compute_fraction(seq)
+            if d < 1.0 and resolved.floor - 1e-12 <= d <= resolved.ceiling + 1e-12:
+                out.append(Choice(spec, d, gemm.flops * d))
+        f += 1
+    kept: list[Choice] = []
+    for c in sorted(out, key=lambda c: (c.density, c.spec)):
+        if kept and c.density - kept[-1].density < NEAR_EQUAL * c.density:
+            continue
+        kept.append(c)
+    return kept
+
+
 def menu(
     gemm: Gemm, block: int, policy: Policy, resolved: Resolved, cost_model: CostModel
 ) -> list[Choice]:
@@ -153,6 +184,8 @@ def menu(
     Of choices whose densities are nearly equal (within ``NEAR_EQUAL``) only the cheapest is
     kept, so consecutive entries differ by at least ``NEAR_EQUAL`` in density.
     """
+    if not gemm.has_weight:
+        return attention_menu(gemm, policy, resolved)
     o, i = gemm.out_features, gemm.in_features
     choices: dict[float, Choice] = {}
     for base in patterns(gemm, block, policy.max_pattern_block):

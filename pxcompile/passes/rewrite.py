@@ -31,8 +31,10 @@ from torch import fx, nn
 from ..errors import PlanError
 from ..layers import PixelflyLinear
 from ..mha import ProjectedMultiheadAttention, unsupported_reason
+from ..patterns import AttentionSpec
 from ..plans import LayerPlan, Plan
-from .trace import GemmBinding, TraceResult
+from ..policy import DEFAULT_ATTENTION_MIN_SEQ
+from .trace import AttentionSite, GemmBinding, TraceResult, is_hf_model
 
 ProgressFn = Callable[[str], None]
 
@@ -56,6 +58,23 @@ def rewritable(binding: GemmBinding, model: nn.Module | None, method: str) -> st
     if binding.kind not in ("linear", "conv1d", "mha_in_proj", "functional"):
         return f"no rewrite for GEMMs of kind {binding.kind!r}"
     return None
+
+
+def attention_reachable(site: AttentionSite, model: nn.Module | None, method: str) -> str | None:
+    """Why the attention core behind an attention GEMM can't be made Pixelfly attention
+    (None if it can)."""
+    if site.via == "hf" or is_hf_model(model):
+        return None
+    if site.via == "sdpa":
+        if method == "fx" and site.nodes:
+            return None
+        return "an SDPA call in a model fx cannot trace (export graphs are not rewritten)"
+    if site.via == "mha":
+        return "nn.MultiheadAttention's attention core is not replaced (only its projections)"
+    return (
+        "attention written out as matmul, softmax, matmul: pxcompile replaces "
+        "F.scaled_dot_product_attention calls and Hugging Face attention"
+    )
 
 
 def _mha_of(model: nn.Module, binding: GemmBinding) -> str | None:
@@ -102,7 +121,8 @@ def rewrite(
     plan = plan.check_against(traced.schema)
     target = model if inplace else copy.deepcopy(model)
     errors: dict[str, float] = {}
-    sparse: list[LayerPlan] = plan.sparse_layers
+    sparse: list[LayerPlan] = plan.sparse_weight_layers
+    attention = attention_calls(plan, traced, target)
     made: dict[str, PixelflyLinear] = {}
     for k, lp in enumerate(sparse):
         b = traced.bindings.get(lp.name)
@@ -156,8 +176,94 @@ def rewrite(
     else:
         gm = _wrap(target)
         paths = {k: f"model.{v}" for k, v in paths.items()}
+    if attention is not None:
+        install_attention(gm, attention, plan, traced.method, root=_root(traced))
     gm.train(model.training)
     return RewriteResult(gm, errors, paths)
+
+
+@dataclass
+class AttentionCalls:
+    spec: AttentionSpec
+    nodes: list[str]  # fx SDPA nodes to replace
+    scopes: list[str]  # modules owning them (Hugging Face attention modules)
+
+
+def _root(traced: TraceResult) -> str:
+    """Where the model sits in the rewritten GraphModule ('' when fx rebuilt its graph)."""
+    return "" if traced.method == "fx" and traced.graph_module is not None else "model"
+
+
+def attention_calls(plan: Plan, traced: TraceResult, target: nn.Module) -> AttentionCalls | None:
+    """The plan's sparse attention, checked: one pattern for the model, scores and values of
+    one call both sparse, and a core the rewrite can reach."""
+    lps = plan.sparse_attention_layers
+    if not lps:
+        return None
+    specs = {lp.attention for lp in lps}
+    if len(specs) > 1:
+        raise PlanError(
+            "plan: sparse attention GEMMs use different patterns "
+            f"({', '.join(sorted(str(s.to_dict()) for s in specs))}); one model takes one"
+        )
+    sparse = {lp.name for lp in lps}
+    nodes: list[str] = []
+    scopes: list[str] = []
+    for lp in lps:
+        site = traced.attention.get(lp.name)
+        if site is None:
+            raise PlanError(f"plan: layer {lp.name!r} is not an attention call of the model")
+        why = attention_reachable(site, target, traced.method)
+        if why:
+            raise PlanError(f"plan: layer {lp.name!r} can't be sparsified: {why}")
+        base, _, kind = lp.name.rpartition(".")
+        other = f"{base}.{'values' if kind == 'scores' else 'scores'}"
+        if other in traced.attention and other not in sparse:
+            raise PlanError(
+                f"plan: {lp.name!r} is sparse but {other!r} is dense; an attention call's "
+                "scores and values take the same pattern"
+            )
+        nodes += [n for n in site.nodes if n not in nodes]
+        if base not in scopes:
+            scopes.append(base)
+    return AttentionCalls(next(iter(specs)), nodes, scopes)  # type: ignore[arg-type]
+
+
+def install_attention(
+    module: nn.Module,
+    calls: AttentionCalls,
+    plan: Plan,
+    method: str,
+    *,
+    root: str = "",
+    reference: bool = False,
+) -> None:
+    """Make ``calls`` Pixelfly attention in ``module`` (``reference=True``: masked-dense
+    attention with the same element mask). ``root``: where the traced model sits in
+    ``module`` ('model' in a wrapping GraphModule)."""
+    from ..attention import sparsify_attention
+
+    min_seq = plan.policy.get("attention_min_seq", DEFAULT_ATTENTION_MIN_SEQ)
+    if isinstance(min_seq, bool) or not isinstance(min_seq, int) or min_seq < 1:
+        min_seq = DEFAULT_ATTENTION_MIN_SEQ
+    modules: list[nn.Module] | None = []
+    for scope in calls.scopes:
+        path = ".".join(p for p in (root, scope) if p)
+        try:
+            modules.append(module.get_submodule(path))  # type: ignore[union-attr]
+        except AttributeError:
+            modules = None  # a call outside any module: all of the model's attention
+            break
+    if not is_hf_model(module):
+        modules = None
+    sparsify_attention(
+        module,
+        calls.spec,
+        min_seq,
+        reference=reference,
+        nodes=calls.nodes if method == "fx" else [],
+        modules=modules,
+    )
 
 
 def _packed_linear(mha: nn.MultiheadAttention) -> nn.Linear:

@@ -143,6 +143,20 @@ class GemmBinding:
 #                   both as a module and functionally; not rewritable, stays dense
 
 
+@dataclass(frozen=True)
+class AttentionSite:
+    """How the rewrite pass reaches the attention core behind a scores/values GEMM.
+
+    ``via``: ``'hf'`` (a Hugging Face model's attention, replaced through transformers'
+    ``AttentionInterface`` whatever it traced as), ``'sdpa'`` (an
+    ``F.scaled_dot_product_attention`` call; ``nodes`` names its nodes in the traced graph),
+    ``'mha'`` (inside an ``nn.MultiheadAttention``) or ``'chain'`` (written out as matmul,
+    softmax, matmul)."""
+
+    via: str
+    nodes: tuple[str, ...] = ()
+
+
 @dataclass
 class TraceResult:
     schema: ModelSchema
@@ -150,11 +164,21 @@ class TraceResult:
     method: str  # 'fx' or 'export'
     graph_module: fx.GraphModule | None  # the fx graph when method == 'fx', else None
     notes: list[str] = field(default_factory=list)
+    attention: dict[str, AttentionSite] = field(default_factory=dict)  # activation GEMMs
 
 
 # ---------------------------------------------------------------------------------------
 # Linear-likes
 # ---------------------------------------------------------------------------------------
+def is_hf_model(model: nn.Module | None) -> bool:
+    """Does ``model`` contain a Hugging Face ``PreTrainedModel``?"""
+    if model is None:
+        return False
+    return any(
+        any(c.__name__ == "PreTrainedModel" for c in type(m).__mro__) for m in model.modules()
+    )
+
+
 def _is_hf_conv1d(m: nn.Module) -> bool:
     t = type(m)
     return any(
@@ -443,6 +467,8 @@ class _Site:
     seq: int | None = None
     token_hint: bool = False
     is_mha: bool = False
+    via: str = ""  # activation GEMMs: 'sdpa' | 'mha' | 'chain'
+    node: str = ""  # activation GEMMs: the graph node of the attention call
 
 
 def _prod(xs) -> int:
@@ -560,7 +586,7 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 # ---------------------------------------------------------------------------------------
 def _build_schema(
     sites: list[_Site], params: _Params, name: str, method: str, description: str
-) -> tuple[ModelSchema, dict[str, GemmBinding]]:
+) -> tuple[ModelSchema, dict[str, GemmBinding], dict[str, AttentionSite]]:
     weight_site_names = {s.name for s in sites if s.weight_pid is not None}
     groups: dict[str, list[_Site]] = {}
     for s in sites:
@@ -575,6 +601,7 @@ def _build_schema(
 
     gemms: list[Gemm] = []
     bindings: dict[str, GemmBinding] = {}
+    attention: dict[str, AttentionSite] = {}
     for gname, group in groups.items():
         s0 = group[0]
         in_f = s0.full_in or s0.in_f
@@ -612,6 +639,11 @@ def _build_schema(
             bindings[gname] = GemmBinding(gname, s0.module, kind, s0.weight, s0.bias)
         else:
             ltype = s0.ltype  # type: ignore[assignment]
+            vias = {s.via for s in group}
+            attention[gname] = AttentionSite(
+                s0.via if len(vias) == 1 else "chain",
+                tuple(dict.fromkeys(s.node for s in group if s.node)),
+            )
         gemms.append(
             Gemm(
                 name=gname,
@@ -629,7 +661,7 @@ def _build_schema(
     schema = ModelSchema(
         name=name, gemms=gemms, description=description, meta={"traced_with": method}
     )
-    return schema, bindings
+    return schema, bindings, attention
 
 
 # ---------------------------------------------------------------------------------------
@@ -901,6 +933,7 @@ class _Analyzer:
         scope: str,
         which: tuple[str, ...] = ("scores", "values"),
         heads: int | None = None,
+        via: str = "sdpa",
     ) -> None:
         """Scores/values of one attention call; q = [..., L, D]."""
         d = int(q[-1])
@@ -922,6 +955,8 @@ class _Analyzer:
                     ltype=LayerType.ATTN_SCORES,
                     heads=heads,
                     seq=int(k_len),
+                    via=via,
+                    node=node.name,
                 )
             )
         if "values" in which:
@@ -934,6 +969,8 @@ class _Analyzer:
                     ltype=LayerType.ATTN_VALUES,
                     heads=heads,
                     seq=int(k_len),
+                    via=via,
+                    node=node.name,
                 )
             )
 
@@ -973,7 +1010,9 @@ class _Analyzer:
         base = scope or node.name
         ltype = LayerType.ATTN_VALUES if kind == "values" else LayerType.ATTN_SCORES
         self.sites.append(
-            _Site(f"{base}.{kind}", in_f, out_f, rows, ltype=ltype, heads=heads, seq=seq)
+            _Site(
+                f"{base}.{kind}", in_f, out_f, rows, ltype=ltype, heads=heads, seq=seq, via="chain"
+            )
         )
 
     def einsum_site(self, node: fx.Node) -> None:
@@ -1017,7 +1056,14 @@ class _Analyzer:
         seq = in_f if kind == "values" else out_f
         self.sites.append(
             _Site(
-                f"{scope or node.name}.{kind}", in_f, out_f, rows, ltype=ltype, heads=heads, seq=seq
+                f"{scope or node.name}.{kind}",
+                in_f,
+                out_f,
+                rows,
+                ltype=ltype,
+                heads=heads,
+                seq=seq,
+                via="chain",
             )
         )
 
@@ -1369,7 +1415,7 @@ def _fx_mha_sites(an: _Analyzer, node: fx.Node, m: nn.MultiheadAttention) -> Non
                 )
             )
     s_eff = S + (1 if m.bias_k is not None else 0) + (1 if m.add_zero_attn else 0)
-    an.attn_sites(node, q=(B, H, L, hd), k_len=s_eff, v_dim=hd, scope=qn, heads=H)
+    an.attn_sites(node, q=(B, H, L, hd), k_len=s_eff, v_dim=hd, scope=qn, heads=H, via="mha")
     op = m.out_proj
     pid = id(op.weight)
     has_b = op.bias is not None
@@ -1508,11 +1554,13 @@ def trace(
         if not sites:
             why = f" ({notes[-1]})" if notes else ""
             raise TraceError(f"tracing {name} with {how} found no GEMM{why}; {YAML_HINT}")
-        schema, bindings = _build_schema(
+        schema, bindings, attention = _build_schema(
             sites, params, name, how, f"traced with {how} on inputs ({desc_inputs})"
         )
+        if is_hf_model(model):
+            attention = {k: AttentionSite("hf", v.nodes) for k, v in attention.items()}
         say(f"traced {name} with {how}: {len(schema)} GEMMs")
-        return TraceResult(schema, bindings, how, gm, notes)
+        return TraceResult(schema, bindings, how, gm, notes, attention)
 
     def fail(errors: list[str]) -> TraceError:
         return TraceError(f"cannot trace {name}: {'; '.join(errors)}; {YAML_HINT}")
