@@ -684,6 +684,10 @@ def _hf_attention(att: Any, selective: bool = False):
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                 is_causal=None, **kwargs):  # fmt: skip
         run = att if not selective or getattr(module, SPARSE_FLAG, False) else _sdpa
+        if run is att and isinstance(att, PixelflyAttention) and torch.compiler.is_exporting():
+            from pxcompile.ops import PixelflyAttentionOp  # one op node in the exported graph
+
+            run = PixelflyAttentionOp(att)
         if kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
             raise NotImplementedError("pixelfly attention: position_bias / softcap unsupported")
         rep = getattr(module, "num_key_value_groups", 1)

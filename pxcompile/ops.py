@@ -34,7 +34,15 @@ from torch import Tensor, nn
 from .layers import PixelflyLinear
 from .patterns import PatternSpec
 
-__all__ = ["PixelflyOp", "pixelfly_linear", "pixelfly_linear_backward", "spec_args"]
+__all__ = [
+    "PixelflyAttentionOp",
+    "PixelflyOp",
+    "pixelfly_attention",
+    "pixelfly_attention_backward",
+    "pixelfly_linear",
+    "pixelfly_linear_backward",
+    "spec_args",
+]
 
 OP_NAME = "pxcompile::pixelfly_linear"
 
@@ -242,3 +250,142 @@ class PixelflyOp(nn.Module):
         return "in={}, out={}, butterfly={}, factors={}, pattern_block={}, rank={}".format(
             *self.cfg
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Pixelfly attention as an operator
+# --------------------------------------------------------------------------------------------
+ATTENTION_OP_NAME = "pxcompile::pixelfly_attention"
+
+
+def _attention_module(block: int, factors: int, globals: int, min_seq: int) -> nn.Module:
+    from .attention import PixelflyAttention
+    from .patterns import AttentionSpec
+
+    return PixelflyAttention(AttentionSpec(block, factors, globals), min_seq)
+
+
+def _run_attention(q, k, v, attn_mask, is_causal, scale, block, factors, globals, min_seq):
+    att = _attention_module(block, factors, globals, min_seq)
+    return att(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+
+
+@torch.library.custom_op(ATTENTION_OP_NAME, mutates_args=())
+def pixelfly_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    block: int,
+    factors: int,
+    globals: int,
+    min_seq: int,
+) -> Tensor:
+    """``PixelflyAttention(AttentionSpec(block, factors, globals), min_seq)`` on ``q, k, v``
+    (``[B, H, L, d]``, no dropout), as one operator: what an exported model records."""
+    with torch.no_grad():
+        out = _run_attention(q, k, v, attn_mask, is_causal, scale, block, factors, globals, min_seq)
+    return _fresh([out], (q, k, v, attn_mask))[0]
+
+
+@pixelfly_attention.register_fake
+def _(q, k, v, attn_mask, is_causal, scale, *cfg):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op(ATTENTION_OP_NAME + "_backward", mutates_args=())
+def pixelfly_attention_backward(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    block: int,
+    factors: int,
+    globals: int,
+    min_seq: int,
+    wanted: int,
+) -> list[Tensor]:
+    """Gradients of ``pixelfly_attention`` for the inputs (``q, k, v``) whose bit is set in
+    ``wanted``: the forward recomputed with autograd on (as for ``pixelfly_linear``)."""
+    with _autograd_on(), torch.enable_grad():
+        leaves = [t.detach().requires_grad_(bool(wanted >> i & 1)) for i, t in enumerate((q, k, v))]
+        out = _run_attention(*leaves, attn_mask, is_causal, scale, block, factors, globals, min_seq)
+        want = [t for i, t in enumerate(leaves) if wanted >> i & 1]
+        if not want:
+            return []
+        grads = torch.autograd.grad(out, want, grad, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, want)]
+    return _fresh(grads, (grad, q, k, v, attn_mask))
+
+
+@pixelfly_attention_backward.register_fake
+def _(grad, q, k, v, attn_mask, is_causal, scale, block, factors, globals, min_seq, wanted):
+    return [torch.empty_like(t) for i, t in enumerate((q, k, v)) if wanted >> i & 1]
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:
+    q, k, v, attn_mask, *cfg = inputs
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.cfg = tuple(cfg)
+
+
+def _attention_backward(ctx, grad):
+    q, k, v, attn_mask = ctx.saved_tensors
+    wanted = sum(1 << i for i, need in enumerate(ctx.needs_input_grad[:3]) if need)
+    got = iter(
+        torch.ops.pxcompile.pixelfly_attention_backward(grad, q, k, v, attn_mask, *ctx.cfg, wanted)
+        if wanted
+        else ()
+    )
+    grads = [next(got) if wanted >> i & 1 else None for i in range(3)]
+    return (*grads, *([None] * (1 + len(ctx.cfg))))
+
+
+pixelfly_attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+class PixelflyAttentionOp(nn.Module):
+    """Calls the attention op with a :class:`~pxcompile.attention.PixelflyAttention`'s
+    pattern: its stand-in when a model is exported. Same call signature as the module (and as
+    ``F.scaled_dot_product_attention``); dropout is not recorded (exports are in eval mode)."""
+
+    def __init__(self, att: nn.Module) -> None:
+        super().__init__()
+        s = att.spec  # type: ignore[attr-defined]
+        self.cfg = (int(s.block), int(s.factors), int(s.globals), int(att.min_seq))  # type: ignore[attr-defined]
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        attn_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        key_padding_mask: Tensor | None = None,
+        enable_gqa: bool = False,
+    ) -> Tensor:
+        if enable_gqa and k.shape[-3] != q.shape[-3]:
+            rep = q.shape[-3] // k.shape[-3]
+            k = k.repeat_interleave(rep, dim=-3)
+            v = v.repeat_interleave(rep, dim=-3)
+        if key_padding_mask is not None:
+            keep = ~key_padding_mask.bool()[:, None, None, :]
+            if attn_mask is None:
+                attn_mask = keep
+            elif attn_mask.dtype == torch.bool:
+                attn_mask = attn_mask & keep
+            else:
+                attn_mask = attn_mask.masked_fill(~keep, float("-inf"))
+        return torch.ops.pxcompile.pixelfly_attention(
+            q, k, v, attn_mask, bool(is_causal), scale, *self.cfg
+        )
+
+    def extra_repr(self) -> str:
+        return "block={}, factors={}, globals={}, min_seq={}".format(*self.cfg)

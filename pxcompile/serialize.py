@@ -89,10 +89,11 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from . import __version__
+from .attention import PixelflyAttention
 from .errors import ModelFileError, PlanError, PxError
 from .io import atomic_write
 from .layers import PixelflyLinear
-from .ops import PixelflyOp
+from .ops import PixelflyAttentionOp, PixelflyOp
 from .plans import Plan
 
 __all__ = ["ExportError", "LoadedModel", "UnsafeFileError", "load", "save"]
@@ -245,7 +246,8 @@ def _inputs_from_spec(spec: Any, path: str) -> Any:
 
 
 def _op_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` in eval mode, each PixelflyLinear stood in for by the op."""
+    """A deep copy of ``module`` in eval mode, each PixelflyLinear (and PixelflyAttention
+    submodule) stood in for by its op; Hugging Face attention calls the op when exporting."""
     m = copy.deepcopy(module)
     if isinstance(m, PixelflyLinear):
         return PixelflyOp(m).eval()
@@ -253,6 +255,9 @@ def _op_copy(module: nn.Module) -> nn.Module:
         if isinstance(sub, PixelflyLinear):
             parent, _, child = name.rpartition(".")
             setattr(m.get_submodule(parent), child, PixelflyOp(sub))
+        elif isinstance(sub, PixelflyAttention) and name:
+            parent, _, child = name.rpartition(".")
+            setattr(m.get_submodule(parent), child, PixelflyAttentionOp(sub))
     return m.eval()
 
 
