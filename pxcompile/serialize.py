@@ -16,7 +16,8 @@ What is saved
 -------------
 :func:`save` deep-copies the module, puts it in eval mode, stands each
 :class:`~pxcompile.layers.PixelflyLinear` in for one call of the custom op (same parameters,
-pattern as ints), and exports it with :func:`torch.export.export`, the first (batch) dimension
+pattern as ints; Pixelfly attention likewise becomes ``pxcompile::pixelfly_attention``), and
+exports it with :func:`torch.export.export`, the first (batch) dimension
 of every tensor input dynamic (the example batch must be at least 2 for that; otherwise, or if
 the model specialises on its batch, the graph is static and ``dynamic_batch`` is false). The
 exported graph is therefore the module's computation *in eval mode*: dropout is off and
