@@ -247,7 +247,8 @@ def _ws(slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     cache = getattr(_WS, "bufs", None)
     if cache is None:
         cache = _WS.bufs = {}
-    key = (slot, like.dtype, like.device)
+    # inference tensors (made under torch.inference_mode) can't be written outside it
+    key = (slot, like.dtype, like.device, torch.is_inference_mode_enabled())
     n = math.prod(shape)
     buf = cache.get(key)
     if buf is None or buf.numel() < n:
@@ -596,6 +597,18 @@ class PixelflyAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         enable_gqa: bool = False,
     ) -> Tensor:
+        if torch.compiler.is_compiling() and not (dropout_p and self.training):
+            # torch.compile / export see one opaque operator (its fake kernel gives shapes)
+            # instead of tracing the layout's numpy code
+            from pxcompile.ops import PixelflyAttentionOp
+
+            return PixelflyAttentionOp(self)(
+                q, k, v, attn_mask, 0.0, is_causal, scale, key_padding_mask, enable_gqa
+            )
+        if torch.compiler.is_compiling():
+            return _eager_attention(
+                self, q, k, v, attn_mask, dropout_p, is_causal, scale, key_padding_mask, enable_gqa
+            )
         L, S = q.shape[-2], k.shape[-2]
         if enable_gqa and k.shape[-3] != q.shape[-3]:
             rep = q.shape[-3] // k.shape[-3]
@@ -643,6 +656,13 @@ class PixelflyAttention(nn.Module):
             dropout_p=dropout_p,
         )
         return out[:, :, :L] if P != L else out
+
+
+@torch.compiler.disable
+def _eager_attention(att: PixelflyAttention, *args: Any) -> Tensor:
+    """Pixelfly attention with dropout under torch.compile: run eagerly (a graph break), since
+    the operator form cannot record dropout's randomness."""
+    return att(*args)
 
 
 # --------------------------------------------------------------------------------------------

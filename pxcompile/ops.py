@@ -287,7 +287,7 @@ def pixelfly_attention(
     (``[B, H, L, d]``, no dropout), as one operator: what an exported model records."""
     with torch.no_grad():
         out = _run_attention(q, k, v, attn_mask, is_causal, scale, block, factors, globals, min_seq)
-    return _fresh([out], (q, k, v, attn_mask))[0]
+    return _fresh([out.contiguous()], (q, k, v, attn_mask))[0]
 
 
 @pixelfly_attention.register_fake
@@ -319,13 +319,14 @@ def pixelfly_attention_backward(
         if not want:
             return []
         grads = torch.autograd.grad(out, want, grad, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, want)]
+    # contiguous, as the fake kernel promises (torch.compile checks strides)
+    grads = [t.new_zeros(t.shape) if g is None else g.contiguous() for g, t in zip(grads, want)]
     return _fresh(grads, (grad, q, k, v, attn_mask))
 
 
 @pixelfly_attention_backward.register_fake
 def _(grad, q, k, v, attn_mask, is_causal, scale, block, factors, globals, min_seq, wanted):
-    return [torch.empty_like(t) for i, t in enumerate((q, k, v)) if wanted >> i & 1]
+    return [t.new_empty(t.shape) for i, t in enumerate((q, k, v)) if wanted >> i & 1]
 
 
 def _attention_setup_context(ctx, inputs, output) -> None:

@@ -192,3 +192,48 @@ def test_parameter_names_stable_across_save_load_and_checkpoint_resumes(tmp_path
     _train(loaded, 2, opt=opt2)
     for k, v in loaded.state_dict().items():
         torch.testing.assert_close(v, want[k], rtol=0, atol=0, msg=k)
+
+
+class _Attn(nn.Module):
+    def __init__(self, d: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, x):
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+
+def _with_attention() -> tuple[torch.fx.GraphModule, torch.Tensor]:
+    torch.manual_seed(0)
+    x = torch.randn(2, 256, 32)
+    policy = {"attention_min_seq": 256, "attention_block": 16}
+    gm = pxcompile.sparsify(_Attn(), 0.3, block=8, example_inputs=(x,), policy=policy)
+    assert gm.pxcompile_plan.sparse_attention_layers
+    return gm, x
+
+
+@pytest.mark.slow
+def test_torch_compile_with_pixelfly_attention():
+    gm, x = _with_attention()
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = gm(a)
+    ref.pow(2).sum().backward()
+    out = torch.compile(gm)(b)  # attention is one opaque operator to dynamo
+    out.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_pixelfly_attention_in_inference_mode_then_no_grad():
+    gm, x = _with_attention()
+    gm.eval()
+    with torch.inference_mode():
+        a = gm(x)
+    with torch.no_grad():  # scratch buffers made under inference_mode are not reused here
+        b = gm(x)
+    torch.testing.assert_close(a, b)
