@@ -24,6 +24,7 @@ the forward (no grad) and forward + backward (gradients of q, k, v).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -45,9 +46,10 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def paired(base, cand, reps: int) -> tuple[float, float, float]:
+def paired(base, cand, reps: int, warm: bool = True) -> tuple[float, float, float]:
     """(median base/cand ratio, median base s, median cand s) over back-to-back pairs."""
-    cand()  # warm-up (layouts, scratch buffers); dense SDPA has nothing to warm
+    if warm:
+        cand()  # warm-up (layouts, scratch buffers, worker threads); SDPA has nothing to warm
     rs, bs, cs = [], [], []
     for _ in range(reps):
         b = _timed(base)
@@ -114,23 +116,39 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def model_steps(seq: int, steps: int, reps: int, spec: AttentionSpec) -> str:
-    """Training steps of examples/gpt.py's GPT (2 layers, width 256, 4 heads x 64, MLP 1024,
-    context ``seq``): MLPs sparsified (budget 0.3) vs MLPs + Pixelfly attention."""
+#: GPT configurations of ``--model``: (layers, width, heads, MLP width). The first is
+#: examples/gpt.py's width with 2 layers; the second GPT-2 small's width and heads (12 x 64).
+MODELS = {"2x256": (2, 256, 4, 1024), "2x768": (2, 768, 12, 3072)}
+
+
+def model_steps(seq: int, steps: int, reps: int, spec: AttentionSpec, config: str) -> str:
+    """Training steps (AdamW, batch 1) of examples/gpt.py's GPT at context ``seq``, ``config``
+    one of :data:`MODELS`: MLPs and projections sparsified (budget 0.3, attention dense) vs the
+    same plus Pixelfly attention. Both are warmed up with 2 steps, timed over ``reps`` paired
+    steps, then trained ``steps`` more steps each (losses compared at the same step)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
     from gpt import GPT
 
     import pxcompile
     from pxcompile.attention import sparsify_attention
+    from pxcompile.policy import Policy
 
+    layers, dim, heads, hidden = MODELS[config]
     torch.manual_seed(0)
-    model = GPT(context=seq, dim=256, layers=2, heads=4, hidden=1024)
+    model = GPT(context=seq, dim=dim, layers=layers, heads=heads, hidden=hidden)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 512, (1, seq + 1), generator=gen)  # seq inputs + next-token targets
-    mlp = pxcompile.sparsify(model, 0.3, example_inputs=(ids[:, :seq],))
-    att = sparsify_attention(
-        pxcompile.sparsify(model, 0.3, example_inputs=(ids[:, :seq],)), spec, min_seq=seq
-    )
+    # both sides: the same plan (MLPs and projections at budget 0.3, attention left dense);
+    # the second then gets Pixelfly attention
+    policy = None
+    if "attention_min_seq" in {f.name for f in dataclasses.fields(Policy)}:
+        policy = {"attention_min_seq": 1 << 30}
+
+    def sparse():
+        return pxcompile.sparsify(model, 0.3, example_inputs=(ids[:, :seq],), policy=policy)
+
+    mlp = sparse()
+    att = sparsify_attention(sparse(), spec, min_seq=seq)
 
     def stepper(m):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
@@ -148,13 +166,18 @@ def model_steps(seq: int, steps: int, reps: int, spec: AttentionSpec) -> str:
 
     s_mlp, l_mlp = stepper(mlp)
     s_att, l_att = stepper(att)
-    ratio, t_mlp, t_att = paired(s_mlp, s_att, reps)
+    for _ in range(2):
+        s_mlp()
+        s_att()
+    ratio, t_mlp, t_att = paired(s_mlp, s_att, reps, warm=False)
     for _ in range(steps):
+        s_mlp()
         s_att()
     kept = att.pxcompile_attention.spec.density(seq, causal=True)
     return (
-        f"| GPT 2x256, seq {seq} (causal), {spec.block}/{spec.factors}/{spec.globals} | {t_mlp * 1e3:.0f} | {t_att * 1e3:.0f} | "
-        f"{ratio:.2f}x | {kept:.3f} | {l_att[0]:.3f} -> {l_att[-1]:.3f} ({len(l_att)} steps) |"
+        f"| GPT {config} ({heads} heads), seq {seq} (causal), {spec.block}/{spec.factors}/"
+        f"{spec.globals} | {t_mlp * 1e3:.0f} | {t_att * 1e3:.0f} | {ratio:.2f}x | {kept:.3f} | "
+        f"{l_att[0]:.3f} -> {l_att[-1]:.3f} ({len(l_att)} steps; MLPs only: {l_mlp[-1]:.3f}) |"
     )
 
 
@@ -168,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--factors", type=int, default=4)
     ap.add_argument("--globals", type=int, default=1)
     ap.add_argument("--model", action="store_true", help="GPT-style training steps at 2048")
+    ap.add_argument("--config", nargs="*", choices=list(MODELS), help="--model: GPT configs")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = AttentionSpec(block=args.block, factors=args.factors, globals=args.globals)
@@ -177,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
             "| kept (causal) | loss (with attention) |"
         )
         print("|---|---|---|---|---|---|")
-        print(model_steps(2048, steps=6, reps=3, spec=spec), flush=True)
+        for config in args.config or list(MODELS):
+            print(model_steps(2048, steps=6, reps=5, spec=spec, config=config), flush=True)
         return
     seqs = args.seq or ([1024, 4096] if args.quick else [1024, 2048, 4096, 8192])
     print(

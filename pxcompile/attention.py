@@ -15,14 +15,20 @@ the model (a boolean/additive ``attn_mask`` broadcastable to ``[B, H, L, S]`` or
 
 Execution (:func:`pixelfly_attention`):
 
-* the ``g`` global query blocks are dense rows: one :func:`F.scaled_dot_product_attention` call
-  (fused kernel, native autograd);
-* every other query block ``i`` attends a fixed number ``kmax`` of key blocks (its kept blocks,
-  padded with masked slots): their K/V blocks are gathered into ``[..., kmax * block, d]``, one
-  batched matmul gives the kept scores, a complete softmax over them, one batched matmul with
-  the gathered V. Work is tiled over heads and query blocks so the gathered buffers stay in
-  cache. A hand-written :class:`torch.autograd.Function` gives the backward (it keeps the
-  probabilities; the K/V gradients are gathered back with ``index_add_``);
+* the ``g`` global query blocks are dense rows (batched matmuls over all the keys they see);
+* every other query block attends exactly its kept key blocks: query blocks are grouped by
+  their number ``c`` of kept blocks (``f + 1 + g`` at most; causal rows keep only the partners
+  before them, about 4 of 6 slots with the default pattern, so they are grouped by that count
+  and no masked slot is ever computed). Per group, the K/V blocks are gathered into
+  ``[..., c * block, d]`` (the diagonal block last: the only one with a mask, the causal
+  triangle), one batched matmul gives the scores, a complete softmax over them, one batched
+  matmul with the gathered V. A hand-written :class:`torch.autograd.Function` gives the
+  backward (it keeps the probabilities; the K/V gradients are summed back with
+  ``index_add_``);
+* on CPU the heads are split into one chunk per intra-op thread, each run by a worker thread
+  with single-threaded ops (one fork/join per call instead of one per op: on a busy 2-core
+  machine each OpenMP fork/join can cost milliseconds), tiled over heads so each tile's
+  buffers stay in cache;
 * a layout that keeps every block (every block of the lower triangle when causal) runs
   :func:`F.scaled_dot_product_attention` itself, so it equals dense attention exactly.
 
@@ -33,8 +39,10 @@ Sequence lengths that are not a multiple of ``block * 2^f`` are padded up inside
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -58,8 +66,9 @@ __all__ = [
     "release_workspace",
 ]
 
-#: Largest score buffer per tile, in elements (tiles split heads only).
-TILE_ELEMS: int = 1 << 25
+#: Largest score buffer per tile, in elements (tiles split heads only; about one head of
+#: 2048 tokens with the default pattern, so a tile's buffers stay in cache).
+TILE_ELEMS: int = 1 << 19
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,58 +141,95 @@ def attention_layout(seq: int, block: int, factors: int, globals: int = 1) -> Bl
 
 
 @dataclass(frozen=True, eq=False)
-class _Plan:
-    """Slots of query block ``i < m = n``: slot ``t < g`` is global key block ``t``; slot
-    ``g + u`` is the butterfly partner ``i XOR S[u]`` (``S = 0, 1, 2, ..., 2^(f-1)``). Slots
-    that repeat a global block or, when causal, lie after the query block are masked. The
-    rows of the ``g`` global query blocks are computed too (so every buffer is a plain view)
-    but their probabilities are zeroed and their outputs replaced by the dense global rows."""
+class _Group:
+    """Sparse query blocks that keep the same number ``c`` of key blocks: ``idx[r]`` lists
+    query block ``rows[r]``'s kept key blocks (the globals first, then the butterfly partners
+    ascending, the diagonal block last). No slot is ever masked, except, when causal, the
+    upper triangle inside the diagonal (last) slot: causal rows compute only their valid
+    blocks."""
 
-    g: int  # global blocks (dense query rows / shared key columns)
-    nb: int  # butterfly slots per query block: f + 1
-    idx: Tensor  # [m, kmax] long: key block per (local query block, slot)
-    bias: Tensor | None  # [m, block, kmax*block] additive (0 / -inf), None if all valid
-    cols: Tensor  # [m, kmax*block] long: key element index per column
-    src: np.ndarray  # [n, nb]: flat (r * kmax + slot) feeding key block j per slot, -1: none
+    rows: np.ndarray  # [mc] query blocks
+    idx: np.ndarray  # [mc, c] key blocks
+    rows_t: Tensor  # [mc * block] query element index per row (for the model's masks)
+    cols_t: Tensor  # [mc, c * block] key element index per column
+
+    @property
+    def c(self) -> int:
+        return self.idx.shape[1]
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """The sparse query blocks ``g..n-1`` of a layout grouped by their number of kept key
+    blocks (:class:`_Group`); the ``g`` global query blocks are dense rows, computed apart.
+
+    For a tile of ``h`` heads the gathered buffers are laid out group after group, each group
+    heads-outer: group ``gi``'s query blocks are rows ``h*qo[gi] : h*qo[gi+1]`` of the gathered
+    queries, its key blocks rows ``h*ko[gi] : h*ko[gi+1]`` of the gathered keys, so every
+    group's operands are plain views."""
+
+    n: int
+    g: int
+    block: int
+    groups: tuple[_Group, ...]
+    qo: tuple[int, ...]  # query-block offsets per group (per head), len(groups) + 1
+    ko: tuple[int, ...]  # key-slot offsets per group (per head), len(groups) + 1
+
+    @property
+    def nr(self) -> int:
+        return self.qo[-1]
+
+    @property
+    def slots(self) -> int:
+        return self.ko[-1]
 
 
 @lru_cache(maxsize=64)
 def _plan(layout: BlockLayout, causal: bool) -> _Plan:
-    b, n, g, f = layout.block, layout.n, layout.globals, layout.factors
-    S = np.array([0] + [1 << k for k in range(f)])
-    nb = f + 1
-    m, kmax = n, g + nb
-    i = np.arange(n)[:, None]
-    part = i ^ S[None, :]  # [m, nb]
-    idx = np.concatenate([np.broadcast_to(np.arange(g), (m, g)), part], axis=1)
-    valid = np.ones((m, kmax), dtype=bool)
-    valid[:, g:] = part >= g
-    if causal:
-        valid[:, g:] &= part <= i
-    el = np.broadcast_to(valid[:, None, :, None], (m, b, kmax, b)).copy()
-    if causal:  # the diagonal slot (u = 0) keeps the element-wise lower triangle
-        el[:, :, g, :] &= np.tril(np.ones((b, b), dtype=bool))[None]
-    el = el.reshape(m, b, kmax * b)
-    bias = None
-    if not el.all():
-        bias = torch.zeros(el.shape)
-        bias.masked_fill_(torch.from_numpy(~el), float("-inf"))
-    cols = (idx[:, :, None] * b + np.arange(b)).reshape(m, kmax * b)
-    j = np.arange(n)[:, None]
-    qi = j ^ S[None, :]  # query block reaching key block j through slot g + u
-    src = np.where(qi >= g, qi * kmax + g + np.arange(nb)[None, :], -1)
-    return _Plan(g, nb, torch.from_numpy(idx), bias, torch.from_numpy(cols), src)
+    b, n, g = layout.block, layout.n, layout.globals
+    bm = layout.block_mask(causal)
+    by_c: dict[int, tuple[list[int], list[list[int]]]] = {}
+    for i in range(g, n):
+        keys = np.flatnonzero(bm[i]).tolist()
+        if i not in keys or keys[:g] != list(range(g)):
+            raise ValueError("pixelfly attention: every sparse row must keep its diagonal block")
+        keys = keys[:g] + [j for j in keys[g:] if j != i] + [i]
+        rows, idx = by_c.setdefault(len(keys), ([], []))
+        rows.append(i)
+        idx.append(keys)
+    groups: list[_Group] = []
+    qo, ko = [0], [0]
+    for c, (rows, idx) in sorted(by_c.items()):
+        r_ = np.array(rows, dtype=np.int64)
+        ix = np.array(idx, dtype=np.int64).reshape(len(rows), c)
+        rows_t = torch.from_numpy((r_[:, None] * b + np.arange(b)).reshape(-1))
+        cols_t = torch.from_numpy((ix[:, :, None] * b + np.arange(b)).reshape(len(rows), c * b))
+        groups.append(_Group(r_, ix, rows_t, cols_t))
+        qo.append(qo[-1] + len(rows))
+        ko.append(ko[-1] + len(rows) * c)
+    return _Plan(n, g, b, tuple(groups), tuple(qo), tuple(ko))
+
+
+@dataclass(frozen=True, eq=False)
+class _Index:
+    """Rows of a ``[h * n, block * w]`` view of ``h`` heads' q / k / v (flat over heads and
+    blocks), group after group: ``q`` of the sparse query blocks (where their outputs and
+    query gradients go back), ``kv`` of the key blocks per slot (where their gradients are
+    summed)."""
+
+    q: Tensor  # [h * nr]
+    kv: Tensor  # [h * slots]
 
 
 @lru_cache(maxsize=64)
-def _src_index(plan: _Plan, h: int) -> Tensor:
-    """Rows of a flat ``[h * m * kmax + 1, ...]`` buffer (last row zero) to sum per key block
-    and butterfly slot: ``[h * n * nb]``."""
-    m, kmax = plan.idx.shape
-    src = torch.from_numpy(plan.src)  # [n, nb]
-    off = (torch.arange(h) * (m * kmax))[:, None, None]
-    out = torch.where(src[None] >= 0, src[None] + off, torch.tensor(h * m * kmax))
-    return out.reshape(-1)
+def _index(plan: _Plan, h: int, device: torch.device) -> _Index:
+    n = plan.n
+    heads = np.arange(h, dtype=np.int64)
+    qs, ks = [], []
+    for gr in plan.groups:
+        qs.append((heads[:, None] * n + gr.rows[None, :]).reshape(-1))
+        ks.append((heads[:, None, None] * n + gr.idx[None]).reshape(-1))
+    return _Index(*(torch.from_numpy(np.concatenate(x)).to(device) for x in (qs, ks)))
 
 
 def _mask_bias(
@@ -209,18 +255,16 @@ def _mask_bias(
     return m.to(dtype)
 
 
-def _gather_mask(mb: Tensor, plan: _Plan, r0: int, r1: int, block: int) -> Tensor:
-    """Rows of local query blocks ``r0:r1`` of an additive mask, at the kept columns:
-    ``[Bm, Hm, r1-r0, block or 1, kmax*block]``."""
-    Bm, Hm, Lm, _ = mb.shape
-    cols = plan.cols[r0:r1].to(mb.device)  # [m, C]
-    m, C = cols.shape
+def _gather_mask(mb: Tensor, gr: _Group, block: int) -> Tensor:
+    """The rows of group ``gr``'s query blocks of an additive mask, at their kept columns:
+    ``[Bm, Hm, mc, block or 1, c*block]``."""
+    Bm, Hm, Lm, S = mb.shape
+    cols = gr.cols_t.to(mb.device)  # [mc, C]
+    mc, C = cols.shape
     if Lm == 1:
-        out = mb[:, :, 0, :][:, :, cols]  # [Bm, Hm, m, C]
-        return out.unsqueeze(3)
-    q0 = r0 * block
-    rows = mb[:, :, q0 : q0 + m * block, :].reshape(Bm, Hm, m, block, -1)
-    ix = cols[None, None, :, None, :].expand(Bm, Hm, m, block, C)
+        return mb[:, :, 0, :][:, :, cols].unsqueeze(3)
+    rows = mb[:, :, gr.rows_t.to(mb.device), :].reshape(Bm, Hm, mc, block, S)
+    ix = cols[None, None, :, None, :].expand(Bm, Hm, mc, block, C)
     return torch.gather(rows, 4, ix)
 
 
@@ -229,8 +273,8 @@ def _gather_mask(mb: Tensor, plan: _Plan, r0: int, r1: int, block: int) -> Tenso
 # --------------------------------------------------------------------------------------------
 #
 # Few, large ops: on a shared 2-core machine every parallel op pays a scheduling latency, so the
-# kernel runs whole-tensor ops (tiled over heads only when the score buffer would exceed
-# TILE_ELEMS elements).
+# kernel runs whole-tensor ops per group of query blocks (tiled over heads only when the score
+# buffers would exceed TILE_ELEMS elements).
 
 
 def _head_tiles(BH: int, per_head: int) -> list[tuple[int, int]]:
@@ -261,13 +305,12 @@ def release_workspace() -> None:
     _WS.bufs = {}
 
 
-def _gather_kv(x: Tensor, idx: Tensor, block: int, slot: str) -> Tensor:
-    """``x`` ``[h, n*block, d]`` -> ``[h * m, kmax*block, d]`` (key blocks ``idx[m, kmax]``)."""
-    h, _, d = x.shape
-    m, kmax = idx.shape
-    out = _ws(slot, (h, m * kmax, block * d), x)
-    torch.index_select(x.reshape(h, -1, block * d), 1, idx.reshape(-1), out=out)
-    return out.view(h * m, kmax * block, d)
+def _gather(x: Tensor, index: Tensor, block: int, slot: str) -> Tensor:
+    """Blocks ``index`` of ``x`` ``[h, n*block, w]`` (flat over heads and blocks):
+    ``[len(index), block * w]`` in scratch."""
+    h, L, w = x.shape
+    out = _ws(slot, (index.numel(), block * w), x)
+    return torch.index_select(x.reshape(h * (L // block), block * w), 0, index, out=out)
 
 
 def _add_user_bias(s: Tensor, ubias: Tensor, h0: int, h1: int, H: int) -> None:
@@ -304,169 +347,301 @@ def _causal_bias(rows: int, cols: int, dtype: torch.dtype, device: torch.device)
     return tri.masked_fill_(upper, -math.inf)
 
 
-def _add_bias4(s: Tensor, bias: Tensor, B: int, H: int) -> None:
-    """s: [B*H, r, c] += bias broadcastable to [B, H, r, c]."""
-    s.view(B, H, *s.shape[1:]).add_(bias)
+def _head_bias(bias: Tensor, h0: int, h1: int, B: int, H: int) -> Tensor:
+    """Flat heads ``h0:h1`` of ``bias`` broadcastable to ``[B, H, r, c]``: ``[h|1, r, c]``."""
+    if bias.dim() == 2 or bias.shape[0] == bias.shape[1] == 1:
+        return bias.reshape(bias.shape[-2:])
+    r, c = bias.shape[-2:]
+    return bias.expand(B, H, r, c).reshape(B * H, r, c)[h0:h1]
+
+
+def _per_head(plan: _Plan) -> int:
+    """Score elements per head (all groups)."""
+    return plan.slots * plan.block * plan.block
+
+
+# Work is split over flat heads into one chunk per thread, each run by a worker thread with
+# single-threaded ops: on a 2-core machine every OpenMP-parallel op pays a fork/join, which
+# costs milliseconds when another process holds a core; per-thread chunks pay it once per call.
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def _after_fork() -> None:  # a forked child has none of the parent's worker threads
+    global _POOL_LOCK
+    _POOLS.clear()
+    _POOL_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
+def _single_thread() -> None:
+    torch.get_num_threads()  # (the thread's lazy init runs first, so it cannot undo the next line)
+    torch.set_num_threads(1)
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    with _POOL_LOCK:
+        pool = _POOLS.get(n)
+        if pool is None:
+            prev = torch.get_num_threads()
+            pool = ThreadPoolExecutor(n, "pxcompile-attention", initializer=_single_thread)
+            start = threading.Barrier(n)
+            list(pool.map(lambda _: start.wait(), range(n)))  # all n workers running
+            torch.set_num_threads(prev)  # set_num_threads(1) also changed the process default
+            _POOLS[n] = pool
+        return pool
+
+
+def _chunks(BH: int, device: torch.device) -> list[tuple[int, int]]:
+    """Flat-head ranges, one per worker thread: one per intra-op thread on CPU when there are
+    at least as many heads; else a single one (run by the caller with parallel ops)."""
+    nt = torch.get_num_threads() if device.type == "cpu" else 1
+    if nt < 2 or BH < nt:
+        return [(0, BH)]
+    return [(BH * i // nt, BH * (i + 1) // nt) for i in range(nt)]
+
+
+def _run_chunks(fn: Any, chunks: list[tuple[int, int]]) -> list[Any]:
+    """``fn(i, h0, h1)`` per chunk: in the calling thread for one chunk, else on the pool (grad
+    and inference modes as in the caller; the kernel's own ops never record autograd)."""
+    if len(chunks) == 1:
+        with torch.no_grad():
+            return [fn(0, *chunks[0])]
+    inf = torch.is_inference_mode_enabled()
+
+    def task(i: int) -> Any:
+        with torch.inference_mode(inf), torch.no_grad():
+            return fn(i, *chunks[i])
+
+    pool = _pool(len(chunks))
+    futs = [pool.submit(task, i) for i in range(len(chunks))]
+    return [f.result() for f in futs]
+
+
+def _dropout_keep(shape: tuple[int, ...], p: float, gen: torch.Generator | None, like: Tensor):
+    return torch.rand(shape, generator=gen, device=like.device, dtype=like.dtype) >= p
+
+
+def _fwd_chunk(
+    ctx: dict[str, Any], h0: int, h1: int, gen: torch.Generator | None
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """Forward of flat heads ``h0:h1``: writes ``out[h0:h1]``; returns (probabilities,
+    dropout masks, [global probabilities, global dropout mask]) to save."""
+    q3, k3, v3, out = ctx["q3"], ctx["k3"], ctx["v3"], ctx["out"]
+    plan, block, scale, causal = ctx["plan"], ctx["block"], ctx["scale"], ctx["causal"]
+    mbias, ubias, dropout_p, grad = ctx["mbias"], ctx["ubias"], ctx["dropout_p"], ctx["grad"]
+    B, H, L, d, dv_ = ctx["shape"]
+    g, n = plan.g, plan.n
+    gl = g * block
+    glob: list[Tensor] = []
+    if g:  # the dense global query rows
+        Sg = gl if causal else L
+        sg = torch.baddbmm(
+            q3.new_empty(()), q3[h0:h1, :gl], k3[h0:h1, :Sg].transpose(1, 2), beta=0, alpha=scale
+        )
+        gb = _global_bias(mbias, gl, Sg, causal, q3)
+        if gb is not None:
+            sg.add_(_head_bias(gb, h0, h1, B, H))
+        pg = torch.softmax(sg, -1)
+        if mbias is not None:
+            pg = pg.nan_to_num_(0.0)
+        glob.append(pg)
+        pgd = pg
+        if dropout_p > 0:
+            dg = _dropout_keep(pg.shape, dropout_p, gen, pg)
+            glob.append(dg)
+            pgd = pg * dg / (1 - dropout_p)
+        out[h0:h1, :gl] = torch.bmm(pgd, v3[h0:h1, :Sg])
+    tri = _causal_bias(block, block, q3.dtype, q3.device) if causal else None
+    probs, drops = [], []
+    for t0, t1 in _head_tiles(h1 - h0, _per_head(plan)):
+        a0, a1, h = h0 + t0, h0 + t1, t1 - t0
+        ix = _index(plan, h, q3.device)
+        qg = _gather(q3[a0:a1], ix.q, block, "q")
+        kg = _gather(k3[a0:a1], ix.kv, block, "k")
+        vg = _gather(v3[a0:a1], ix.kv, block, "v")
+        og = _ws("o", (h * plan.nr, block * dv_), q3)
+        for gi, gr in enumerate(plan.groups):
+            mc, c = gr.idx.shape
+            C = c * block
+            qa, qe = h * plan.qo[gi], h * plan.qo[gi + 1]
+            ka, ke = h * plan.ko[gi], h * plan.ko[gi + 1]
+            s = _ws("s", (h * mc, block, C), q3)
+            kc = kg[ka:ke].view(h * mc, C, d)
+            qc = qg[qa:qe].view(h * mc, block, d)
+            torch.baddbmm(s, qc, kc.transpose(1, 2), beta=0, alpha=scale, out=s)
+            if tri is not None:  # the diagonal (last) slot
+                s[:, :, C - block :].add_(tri)
+            if ubias is not None:
+                _add_user_bias(s.view(h, mc, block, C), ubias[gi], a0, a1, H)
+            if grad:
+                p = torch.softmax(s, -1)
+            else:  # no backward: the probabilities can live in scratch too
+                p = torch.ops.aten._softmax.out(s, -1, False, out=_ws("p", s.shape, q3))
+            if ubias is not None:
+                p = p.nan_to_num_(0.0)  # rows the model's mask hides entirely
+            pd = p
+            if dropout_p > 0:
+                keep = _dropout_keep(p.shape, dropout_p, gen, p)
+                drops.append(keep)
+                pd = p * keep / (1 - dropout_p)
+            vc = vg[ka:ke].view(h * mc, C, dv_)
+            torch.bmm(pd, vc, out=og[qa:qe].view(h * mc, block, dv_))
+            if grad:
+                probs.append(p)
+        out[a0:a1].view(h * n, block * dv_).index_copy_(0, ix.q, og)
+    return probs, drops, glob
+
+
+def _bwd_chunk(
+    ctx: dict[str, Any],
+    h0: int,
+    h1: int,
+    probs: list[Tensor],
+    drops: list[Tensor],
+    glob: list[Tensor],
+) -> None:
+    """Backward of flat heads ``h0:h1``: writes ``dq``, ``dk``, ``dv`` ``[h0:h1]``."""
+    q3, k3, v3, out, go3 = ctx["q3"], ctx["k3"], ctx["v3"], ctx["out"], ctx["go3"]
+    dq, dk, dv = ctx["dq"], ctx["dk"], ctx["dv"]  # dk, dv: [BH, n, block * d]
+    plan, block, scale, dropout_p = ctx["plan"], ctx["block"], ctx["scale"], ctx["dropout_p"]
+    B, H, L, d, dv_ = ctx["shape"]
+    g, n = plan.g, plan.n
+    gl = g * block
+    ng = len(plan.groups)
+    delta_all = None
+    if dropout_p == 0:
+        delta_all = (go3[h0:h1] * out[h0:h1]).sum(-1)  # [h, L]
+    for t, (t0, t1) in enumerate(_head_tiles(h1 - h0, _per_head(plan))):
+        a0, a1, h = h0 + t0, h0 + t1, t1 - t0
+        ix = _index(plan, h, q3.device)
+        qg = _gather(q3[a0:a1], ix.q, block, "q")
+        gog = _gather(go3[a0:a1], ix.q, block, "go")
+        kg = _gather(k3[a0:a1], ix.kv, block, "k")
+        vg = _gather(v3[a0:a1], ix.kv, block, "v")
+        if delta_all is not None:
+            dlt = _gather(delta_all[t0:t1].unsqueeze(-1), ix.q, block, "dl")
+        dqg = _ws("dq", (h * plan.nr, block * d), q3)
+        # per (query block, slot) K / V gradients, summed per key block below
+        bk = _ws("bk", (h * plan.slots, block * d), q3)
+        bv = _ws("bv", (h * plan.slots, block * dv_), q3)
+        for gi, gr in enumerate(plan.groups):
+            mc, c = gr.idx.shape
+            C = c * block
+            qa, qe = h * plan.qo[gi], h * plan.qo[gi + 1]
+            ka, ke = h * plan.ko[gi], h * plan.ko[gi + 1]
+            p = probs[t * ng + gi]
+            qc = qg[qa:qe].view(h * mc, block, d)
+            gc = gog[qa:qe].view(h * mc, block, dv_)
+            kc = kg[ka:ke].view(h * mc, C, d)
+            vc = vg[ka:ke].view(h * mc, C, dv_)
+            dp = _ws("s", (h * mc, block, C), q3)
+            torch.bmm(gc, vc.transpose(1, 2), out=dp)
+            if dropout_p > 0:
+                keep = drops[t * ng + gi]
+                dp.mul_(keep).div_(1 - dropout_p)
+                pd = p * keep / (1 - dropout_p)
+                delta = (dp * p).sum(-1, keepdim=True)
+            else:
+                pd = p
+                delta = dlt[qa:qe].view(h * mc, block, 1)
+            ds = dp.sub_(delta).mul_(p)
+            dqc = dqg[qa:qe].view(h * mc, block, d)
+            torch.baddbmm(dqc, ds, kc, beta=0, alpha=scale, out=dqc)
+            ok = bk[ka:ke].view(h * mc, C, d)
+            torch.baddbmm(ok, ds.transpose(1, 2), qc, beta=0, alpha=scale, out=ok)
+            ov = bv[ka:ke].view(h * mc, C, dv_)
+            torch.bmm(pd.transpose(1, 2), gc, out=ov)
+        dq[a0:a1].view(h * n, block * d).index_copy_(0, ix.q, dqg)
+        dk[a0:a1].view(h * n, block * d).index_add_(0, ix.kv, bk)
+        dv[a0:a1].view(h * n, block * dv_).index_add_(0, ix.kv, bv)
+    if g:  # the dense global query rows
+        pg = glob[0]
+        Sg = pg.shape[-1]
+        gog = go3[h0:h1, :gl]
+        dpg = torch.bmm(gog, v3[h0:h1, :Sg].transpose(1, 2))
+        if dropout_p > 0:
+            keep = glob[1]
+            dpg.mul_(keep).div_(1 - dropout_p)
+            pgd = pg * keep / (1 - dropout_p)
+            dlt = (dpg * pg).sum(-1, keepdim=True)
+        else:
+            pgd = pg
+            dlt = delta_all[:, :gl, None]
+        dsg = dpg.sub_(dlt).mul_(pg)
+        dq[h0:h1, :gl] = torch.baddbmm(dsg.new_empty(()), dsg, k3[h0:h1, :Sg], beta=0, alpha=scale)
+        dk3 = dk.view(-1, L, d)[h0:h1, :Sg]
+        dv3 = dv.view(-1, L, dv_)[h0:h1, :Sg]
+        # (an in-place baddbmm_ on these strided views would run one addmm per head)
+        dk3 += torch.baddbmm(
+            dsg.new_empty(()), dsg.transpose(1, 2), q3[h0:h1, :gl], beta=0, alpha=scale
+        )
+        dv3 += torch.bmm(pgd.transpose(1, 2), gog)
 
 
 class _PixelflyFn(torch.autograd.Function):
     """Pixelfly attention on q, k, v ``[B, H, L, d]`` (contiguous): the ``g * block`` global
-    query rows densely, the others over their kept key blocks (see :class:`_Plan`)."""
+    query rows densely, the others group by group over their kept key blocks only (see
+    :class:`_Plan`), one chunk of heads per thread."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan, block, scale, causal, mbias, dropout_p):  # type: ignore[override]
         B, H, L, d = q.shape
         dv_ = v.shape[-1]
         BH = B * H
-        g = plan.g
-        gl = g * block
-        idx = plan.idx.to(q.device)
-        m, kmax = idx.shape
-        C = kmax * block
-        q3, k3, v3 = q.view(BH, L, d), k.view(BH, L, d), v.view(BH, L, dv_)
         out = q.new_empty(BH, L, dv_)
-        saved: list[Tensor] = []
-        # dense global rows
-        pg = dg = None
-        if g:
-            Sg = gl if causal else L
-            sg = torch.baddbmm(
-                q3.new_empty(()), q3[:, :gl], k3[:, :Sg].transpose(1, 2), beta=0, alpha=scale
-            )
-            gb = _global_bias(mbias, gl, Sg, causal, q)
-            if gb is not None:
-                _add_bias4(sg, gb, B, H)
-            pg = torch.softmax(sg, -1)
-            if mbias is not None:
-                pg = pg.nan_to_num_(0.0)
-            pgd = pg
-            if dropout_p > 0:
-                dg = torch.rand(pg.shape, device=pg.device, dtype=pg.dtype) >= dropout_p
-                pgd = pg * dg / (1 - dropout_p)
-            outg = torch.bmm(pgd, v3[:, :Sg])
-        # sparse rows (all query blocks; the global ones are overwritten below)
-        sbias = plan.bias.to(device=q.device, dtype=q.dtype) if plan.bias is not None else None
         ubias = None
         if mbias is not None:
-            ubias = _gather_mask(mbias, plan, 0, m, block)  # [Bm, Hm, m, b|1, C]
-        grad = any(ctx.needs_input_grad[:3])
-        probs, drops = [], []
-        for h0, h1 in _head_tiles(BH, m * block * C):
-            h = h1 - h0
-            qt = q3[h0:h1].view(h * m, block, d)
-            kg = _gather_kv(k3[h0:h1], idx, block, "k")
-            vg = _gather_kv(v3[h0:h1], idx, block, "v")
-            s = _ws("s", (h * m, block, C), q)
-            torch.baddbmm(s, qt, kg.transpose(1, 2), beta=0, alpha=scale, out=s)
-            if sbias is not None:
-                s.view(h, m, block, C).add_(sbias)
-            if ubias is not None:
-                _add_user_bias(s.view(h, m, block, C), ubias, h0, h1, H)
-            if grad:
-                p = torch.softmax(s, -1)
-            else:  # no backward: the probabilities can live in scratch too
-                p = torch.ops.aten._softmax.out(s, -1, False, out=_ws("p", s.shape, q))
-            if ubias is not None:
-                p = p.nan_to_num_(0.0)  # rows the model's mask hides entirely
-            if g:
-                p.view(h, m, block, C)[:, :g].zero_()
-            pd = p
-            if dropout_p > 0:
-                keep = torch.rand(p.shape, device=p.device, dtype=p.dtype) >= dropout_p
-                drops.append(keep)
-                pd = p * keep / (1 - dropout_p)
-            torch.bmm(pd, vg, out=out[h0:h1].view(h * m, block, dv_))
-            if grad:
-                probs.append(p)
-        if g:
-            out[:, :gl] = outg
-        saved = [q, k, v, out, *probs, *drops]
-        if g:
-            saved += [pg] + ([dg] if dg is not None else [])
-        ctx.save_for_backward(*saved)
-        ctx.meta = (plan, block, scale, causal, dropout_p, len(probs))
+            ubias = [_gather_mask(mbias, gr, block) for gr in plan.groups]
+        chunks = _chunks(BH, q.device)
+        gens: list[torch.Generator | None] = [None] * len(chunks)
+        if dropout_p > 0 and len(chunks) > 1:  # reproducible under torch.manual_seed
+            seeds = torch.randint(0, 2**62, (len(chunks),)).tolist()
+            gens = [torch.Generator().manual_seed(s) for s in seeds]
+        c = {
+            "q3": q.view(BH, L, d), "k3": k.view(BH, L, d), "v3": v.view(BH, L, dv_),
+            "out": out, "plan": plan, "block": block, "scale": scale, "causal": causal,
+            "mbias": mbias, "ubias": ubias, "dropout_p": dropout_p, "shape": (B, H, L, d, dv_),
+            "grad": any(ctx.needs_input_grad[:3]),
+        }  # fmt: skip
+        res = _run_chunks(lambda i, h0, h1: _fwd_chunk(c, h0, h1, gens[i]), chunks)
+        counts = [tuple(len(x) for x in r) for r in res]
+        ctx.save_for_backward(q, k, v, out, *(t for r in res for part in r for t in part))
+        ctx.meta = (plan, block, scale, causal, mbias, dropout_p, chunks, counts)
         return out.view(B, H, L, dv_)
 
     @staticmethod
     def backward(ctx, go):  # type: ignore[override]
-        plan, block, scale, causal, dropout_p, nt = ctx.meta
+        plan, block, scale, causal, mbias, dropout_p, chunks, counts = ctx.meta
         q, k, v, out, *rest = ctx.saved_tensors
-        probs, rest = rest[:nt], rest[nt:]
-        drops, rest = (rest[:nt], rest[nt:]) if dropout_p > 0 else ([], rest)
         B, H, L, d = q.shape
         dv_ = v.shape[-1]
         BH = B * H
-        g = plan.g
-        gl = g * block
-        idx = plan.idx.to(q.device)
-        m, kmax = idx.shape
-        C = kmax * block
-        nk = L // block
-        nb = plan.nb
-        q3, k3, v3 = q.view(BH, L, d), k.view(BH, L, d), v.view(BH, L, dv_)
-        go3 = go.contiguous().view(BH, L, dv_)
-        dq = torch.empty_like(q3)
-        dk = torch.empty(BH, nk, block * d, dtype=k.dtype, device=k.device)
-        dv = torch.empty(BH, nk, block * dv_, dtype=v.dtype, device=v.device)
-        if dropout_p == 0:
-            delta_all = (go3 * out).sum(-1, keepdim=True)  # [BH, L, 1]
-        for t, (h0, h1) in enumerate(_head_tiles(BH, m * block * C)):
-            h = h1 - h0
-            p = probs[t].view(h * m, block, C)
-            qt = q3[h0:h1].view(h * m, block, d)
-            gt = go3[h0:h1].view(h * m, block, dv_)
-            vg = _gather_kv(v3[h0:h1], idx, block, "v")
-            dp = _ws("s", (h * m, block, C), q)
-            torch.bmm(gt, vg.transpose(1, 2), out=dp)
-            if dropout_p > 0:
-                keep = drops[t].view(h * m, block, C)
-                dp.mul_(keep).div_(1 - dropout_p)
-                pd = p * keep / (1 - dropout_p)
-                delta = (dp * p).sum(-1, keepdim=True)
-            else:
-                pd = p
-                delta = delta_all[h0:h1].view(h * m, block, 1)
-            ds = dp.sub_(delta).mul_(p)
-            kg = _gather_kv(k3[h0:h1], idx, block, "k")
-            torch.baddbmm(
-                qt.new_empty(()), ds, kg, beta=0, alpha=scale, out=dq[h0:h1].view(h * m, block, d)
-            )
-            src = _src_index(plan, h).to(q.device)
-            for grad, a, bmat, w, alpha in ((dk, ds, qt, d, scale), (dv, pd, gt, dv_, 1.0)):
-                # per (query block, slot) gradients, then summed per key block
-                buf = _ws("k", (h * m * kmax + 1, block * w), q)
-                buf[-1].zero_()
-                bv = buf[:-1].view(h * m, C, w)
-                torch.baddbmm(bv, a.transpose(1, 2), bmat, beta=0, alpha=alpha, out=bv)
-                gsum = torch.index_select(buf, 0, src, out=_ws("v", (h * nk * nb, block * w), q))
-                torch.sum(gsum.view(h, nk, nb, block * w), 2, out=grad[h0:h1])
-                if g:
-                    grad[h0:h1, :g] += buf[:-1].view(h, m, kmax, block * w)[:, :, :g].sum(1)
-        dk3, dv3 = dk.view(BH, L, d), dv.view(BH, L, dv_)
-        if g:
-            pg = rest[0]
-            Sg = pg.shape[-1]
-            gog = go3[:, :gl]
-            dpg = torch.bmm(gog, v3[:, :Sg].transpose(1, 2))
-            if dropout_p > 0:
-                keep = rest[1]
-                dpg.mul_(keep).div_(1 - dropout_p)
-                pgd = pg * keep / (1 - dropout_p)
-                dlt = (dpg * pg).sum(-1, keepdim=True)
-            else:
-                pgd = pg
-                dlt = delta_all[:, :gl]
-            dsg = dpg.sub_(dlt).mul_(pg)
-            dq[:, :gl] = torch.baddbmm(dq.new_empty(()), dsg, k3[:, :Sg], beta=0, alpha=scale)
-            # (an in-place baddbmm_ on these strided views would run one addmm per head)
-            dk3[:, :Sg] += torch.baddbmm(
-                dsg.new_empty(()), dsg.transpose(1, 2), q3[:, :gl], beta=0, alpha=scale
-            )
-            dv3[:, :Sg] += torch.bmm(pgd.transpose(1, 2), gog)
+        n = plan.n
+        parts = []
+        for cnt in counts:
+            ps = []
+            for m in cnt:
+                ps.append(rest[:m])
+                rest = rest[m:]
+            parts.append(ps)
+        c = {
+            "q3": q.view(BH, L, d), "k3": k.view(BH, L, d), "v3": v.view(BH, L, dv_),
+            "out": out, "go3": go.contiguous().view(BH, L, dv_), "plan": plan, "block": block,
+            "scale": scale, "causal": causal, "dropout_p": dropout_p,
+            "shape": (B, H, L, d, dv_), "dq": torch.empty(BH, L, d, dtype=q.dtype, device=q.device),
+            "dk": torch.zeros(BH, n, block * d, dtype=k.dtype, device=k.device),
+            "dv": torch.zeros(BH, n, block * dv_, dtype=v.dtype, device=v.device),
+        }  # fmt: skip
+        _run_chunks(lambda i, h0, h1: _bwd_chunk(c, h0, h1, *parts[i]), chunks)
         return (
-            dq.view(B, H, L, d),
-            dk3.view(B, H, L, d),
-            dv3.view(B, H, L, dv_),
+            c["dq"].view(B, H, L, d),
+            c["dk"].view(B, H, L, d),
+            c["dv"].view(B, H, L, dv_),
             None,
             None,
             None,

@@ -242,3 +242,98 @@ def test_module_pads_odd_lengths_and_falls_back():
     )
     cross = mod(q, k[:, :, :80], v[:, :, :80])  # cross attention: dense
     assert torch.equal(cross, F.scaled_dot_product_attention(q, k[:, :, :80], v[:, :, :80]))
+
+
+# -- grouped causal rows, worker threads ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "seq,block,factors,g",
+    [(512, 32, 3, 1), (2048, 64, 4, 1), (384, 24, 4, 0), (256, 8, 5, 3), (64, 4, 2, 2)],
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_plan_groups_cover_the_layout_exactly(seq, block, factors, g, causal):
+    lay = attention_layout(seq, block, factors, g)
+    plan = A._plan(lay, causal)
+    keys = lay.key_blocks(causal)
+    seen = set()
+    for gr in plan.groups:
+        for i, row in zip(gr.rows.tolist(), gr.idx.tolist(), strict=True):
+            assert row[-1] == i  # the diagonal last (only it is ever masked, when causal)
+            assert row[:g] == list(range(g))
+            assert sorted(row) == keys[i]  # exactly the kept blocks: no masked slot
+            seen.add(i)
+    assert seen == set(range(g, lay.n))
+    assert plan.slots == sum(len(keys[i]) for i in range(g, lay.n))
+    if causal:  # fewer slots than the non-causal rows: causal work is not wasted
+        assert plan.slots < A._plan(lay, False).slots
+
+
+@pytest.mark.parametrize(
+    "L,block,factors,g,B,H,d,dv",
+    [(48, 3, 2, 0, 1, 3, 5, 5), (320, 10, 5, 3, 1, 3, 4, 6), (192, 24, 3, 1, 3, 1, 7, 3)],
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_equivalence_odd_shapes(L, block, factors, g, B, H, d, dv, causal):
+    lay = attention_layout(L, block, factors, g)
+    gen = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(B, H, L, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, H, L, dv, generator=gen, dtype=torch.float64)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    _check(q, k, v, lay, causal, tol=1e-10)
+    kp = torch.zeros(B, L, dtype=torch.bool)
+    kp[-1, L // 2 :] = True
+    _check(q, k, v, lay, causal, tol=1e-10, key_padding_mask=kp)
+    per_head = torch.rand(B, H, L, L, generator=gen) > 0.2  # chunks may split a batch's heads
+    _check(q, k, v, lay, causal, tol=1e-10, attn_mask=per_head)
+
+
+def _grads(q, k, v, lay, **kw):
+    out = pixelfly_attention(q, k, v, lay, **kw)
+    return (out, *torch.autograd.grad(out.square().sum(), (q, k, v)))
+
+
+def test_worker_chunks_equal_one_chunk(monkeypatch):
+    lay = attention_layout(256, 16, 3, 1)
+    q, k, v = _qkv(1, 3, 256, 8, torch.float64)  # 3 heads: uneven chunks over the workers
+    kp = torch.zeros(1, 256, dtype=torch.bool)
+    kp[0, 200:] = True
+    for causal in (False, True):
+        monkeypatch.setattr(A, "_chunks", lambda BH, dev: [(0, BH // 3), (BH // 3, BH)])
+        r1 = _grads(q, k, v, lay, causal=causal, key_padding_mask=kp)
+        monkeypatch.setattr(A, "_chunks", lambda BH, dev: [(0, BH)])  # the calling thread
+        r2 = _grads(q, k, v, lay, causal=causal, key_padding_mask=kp)
+        for a, b in zip(r1, r2, strict=True):
+            assert torch.allclose(a, b, atol=1e-12, rtol=0)
+
+
+def test_worker_threads_leave_the_caller_alone(monkeypatch):
+    monkeypatch.setattr(A, "_chunks", lambda BH, dev: [(0, 1), (1, BH)])
+    lay = attention_layout(128, 16, 2, 1)
+    q, k, v = _qkv(1, 2, 128, 8)
+    threads = torch.get_num_threads()
+    ref = pixelfly_attention(q, k, v, lay, causal=True)
+    assert torch.get_num_threads() == threads
+    with torch.inference_mode():
+        out = pixelfly_attention(*(t.detach() for t in (q, k, v)), lay, causal=True)
+    assert torch.equal(out, ref.detach())
+    with torch.no_grad():
+        assert torch.equal(pixelfly_attention(q, k, v, lay, causal=True), ref.detach())
+    # dropout masks come from per-chunk generators seeded from the caller's RNG
+    torch.manual_seed(7)
+    d1 = pixelfly_attention(q, k, v, lay, causal=True, dropout_p=0.5)
+    torch.manual_seed(7)
+    d2 = pixelfly_attention(q, k, v, lay, causal=True, dropout_p=0.5)
+    assert torch.equal(d1, d2) and not torch.equal(d1, ref)
+
+
+def test_gradcheck_dropout_in_chunks(monkeypatch):
+    monkeypatch.setattr(A, "_chunks", lambda BH, dev: [(0, 1), (1, BH)])
+    lay = attention_layout(16, 4, 1, 1)
+    q, k, v = _qkv(1, 2, 16, 3, torch.float64)
+
+    def fn(a, b, c):
+        torch.manual_seed(3)
+        return pixelfly_attention(a, b, c, lay, causal=True, dropout_p=0.3)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
