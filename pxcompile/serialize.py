@@ -277,8 +277,39 @@ def _dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> Any:
     return {n: pytree.tree_map(dims, v) for n, v in bound.arguments.items()}
 
 
+class _KeywordCall(nn.Module):
+    """Calls a GraphModule that wraps a whole model (what the rewrite emits for models fx
+    can't trace) with the caller's own arguments. torch.export binds a GraphModule's
+    keyword inputs by position, which breaks on wrappers with many optional inputs (Hugging
+    Face's ``forward``); through this shell it sees plain keyword calls. Parameters, buffers
+    and submodules are the wrapped module's own tables, so the exported names are unchanged."""
+
+    def __init__(self, target: fx.GraphModule) -> None:
+        super().__init__()
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_parameters", target._parameters)
+        object.__setattr__(self, "_buffers", target._buffers)
+        object.__setattr__(self, "_modules", target._modules)
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return target(*args, **kwargs)
+
+        # the wrapped model's signature, so that dynamic shapes are given by input name
+        forward.__signature__ = inspect.signature(target.forward)  # type: ignore[attr-defined]
+        object.__setattr__(self, "forward", forward)
+
+
+def _wraps_a_model(module: nn.Module) -> bool:
+    if not isinstance(module, fx.GraphModule):
+        return False
+    calls = [n for n in module.graph.nodes if n.op not in ("placeholder", "output")]
+    return len(calls) == 1 and calls[0].op == "call_module" and calls[0].target == "model"
+
+
 def _export(module: nn.Module, args: tuple, kwargs: dict):
     """(exported program, dynamic batch?)"""
+    if _wraps_a_model(module) and kwargs:
+        module = _KeywordCall(module)  # type: ignore[arg-type]
     try:
         ep = torch.export.export(
             module, args, kwargs, dynamic_shapes=_dynamic_shapes(module, args, kwargs)

@@ -474,3 +474,25 @@ def test_pixelfly_attention_round_trips_as_an_op(tmp_path):
     loaded(a).pow(2).sum().backward()
     gm(b).pow(2).sum().backward()
     assert torch.allclose(a.grad, b.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_hugging_face_model_round_trips(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=128, n_head=2, n_positions=64, vocab_size=128,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 128, (2, 64))
+    inputs = {"input_ids": ids, "use_cache": False}
+    gm = pxcompile.sparsify(model, 0.3, example_inputs=inputs)
+    path = tmp_path / "gpt2.pxc"
+    pxcompile.save(gm, path)  # the rewrite wrapped the model (fx can't trace it)
+    loaded = pxcompile.load(path)
+    assert loaded.pxcompile_dynamic_batch
+    with torch.no_grad():
+        want = gm(**inputs).logits
+        got = loaded(**inputs)
+        got = got["logits"] if isinstance(got, dict) else got.logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
