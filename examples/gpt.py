@@ -69,3 +69,14 @@ model = GPT()
 
 def example_inputs():
     return (torch.randint(0, 512, (4, 128)),)
+
+
+# The same GPT at 2048 tokens, where attention is sparsified too (policy attention_min_seq):
+#   pxcompile examples/gpt.py --model long_model --inputs long_inputs --budget 0.3
+def long_model():
+    torch.manual_seed(0)
+    return GPT(context=2048, layers=2)
+
+
+def long_inputs():
+    return (torch.randint(0, 512, (1, 2048)),)

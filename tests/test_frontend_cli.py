@@ -145,3 +145,17 @@ def test_compile_save_and_load_example(tmp_path, capsys):
     gm = pxcompile.sparsify(ns["model"], 0.3, block=32, example_inputs=(x,))
     with torch.no_grad():
         assert torch.equal(loaded(x), gm.eval()(x))
+
+
+@pytest.mark.slow
+def test_shipped_long_gpt_sparsifies_attention_and_saves(tmp_path, capsys):
+    out = tmp_path / "gpt-long.px"
+    plan = tmp_path / "plan.yaml"
+    args = [str(ROOT / "examples" / "gpt.py"), "--model", "long_model", "--inputs", "long_inputs"]
+    assert main([*args, "--budget", "0.3", "-o", str(out), "--plan-out", str(plan)]) == 0
+    cap = capsys.readouterr()
+    text = cap.out + cap.err
+    assert "attn 64/" in text and "attention (scores and values):" in text
+    assert "verified" in text
+    assert out.exists()
+    assert "block: 64" in plan.read_text()  # the attention pattern is in the plan file
