@@ -265,9 +265,12 @@ def _attention_module(block: int, factors: int, globals: int, min_seq: int) -> n
     return PixelflyAttention(AttentionSpec(block, factors, globals), min_seq)
 
 
-def _run_attention(q, k, v, attn_mask, is_causal, scale, block, factors, globals, min_seq):
-    att = _attention_module(block, factors, globals, min_seq)
-    return att(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+def _run_attention(q, k, v, attn_mask, key_padding_mask, is_causal, enable_gqa, scale, *cfg):
+    att = _attention_module(*cfg)
+    return att(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+        key_padding_mask=key_padding_mask, enable_gqa=enable_gqa,
+    )  # fmt: skip
 
 
 @torch.library.custom_op(ATTENTION_OP_NAME, mutates_args=())
@@ -276,7 +279,9 @@ def pixelfly_attention(
     k: Tensor,
     v: Tensor,
     attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
     is_causal: bool,
+    enable_gqa: bool,
     scale: float | None,
     block: int,
     factors: int,
@@ -286,12 +291,15 @@ def pixelfly_attention(
     """``PixelflyAttention(AttentionSpec(block, factors, globals), min_seq)`` on ``q, k, v``
     (``[B, H, L, d]``, no dropout), as one operator: what an exported model records."""
     with torch.no_grad():
-        out = _run_attention(q, k, v, attn_mask, is_causal, scale, block, factors, globals, min_seq)
-    return _fresh([out.contiguous()], (q, k, v, attn_mask))[0]
+        out = _run_attention(
+            q, k, v, attn_mask, key_padding_mask, is_causal, enable_gqa, scale,
+            block, factors, globals, min_seq,
+        )  # fmt: skip
+    return _fresh([out.contiguous()], (q, k, v, attn_mask, key_padding_mask))[0]
 
 
 @pixelfly_attention.register_fake
-def _(q, k, v, attn_mask, is_causal, scale, *cfg):
+def _(q, k, v, *rest):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
@@ -302,7 +310,9 @@ def pixelfly_attention_backward(
     k: Tensor,
     v: Tensor,
     attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
     is_causal: bool,
+    enable_gqa: bool,
     scale: float | None,
     block: int,
     factors: int,
@@ -312,39 +322,41 @@ def pixelfly_attention_backward(
 ) -> list[Tensor]:
     """Gradients of ``pixelfly_attention`` for the inputs (``q, k, v``) whose bit is set in
     ``wanted``: the forward recomputed with autograd on (as for ``pixelfly_linear``)."""
+    cfg = (attn_mask, key_padding_mask, is_causal, enable_gqa, scale, block, factors, globals)
     with _autograd_on(), torch.enable_grad():
         leaves = [t.detach().requires_grad_(bool(wanted >> i & 1)) for i, t in enumerate((q, k, v))]
-        out = _run_attention(*leaves, attn_mask, is_causal, scale, block, factors, globals, min_seq)
+        out = _run_attention(*leaves, *cfg, min_seq)
         want = [t for i, t in enumerate(leaves) if wanted >> i & 1]
         if not want:
             return []
         grads = torch.autograd.grad(out, want, grad, allow_unused=True)
     # contiguous, as the fake kernel promises (torch.compile checks strides)
     grads = [t.new_zeros(t.shape) if g is None else g.contiguous() for g, t in zip(grads, want)]
-    return _fresh(grads, (grad, q, k, v, attn_mask))
+    return _fresh(grads, (grad, q, k, v, attn_mask, key_padding_mask))
 
 
 @pixelfly_attention_backward.register_fake
-def _(grad, q, k, v, attn_mask, is_causal, scale, block, factors, globals, min_seq, wanted):
+def _(grad, q, k, v, *rest):
+    wanted = rest[-1]
     return [t.new_empty(t.shape) for i, t in enumerate((q, k, v)) if wanted >> i & 1]
 
 
 def _attention_setup_context(ctx, inputs, output) -> None:
-    q, k, v, attn_mask, *cfg = inputs
-    ctx.save_for_backward(q, k, v, attn_mask)
+    q, k, v, attn_mask, key_padding_mask, *cfg = inputs
+    ctx.save_for_backward(q, k, v, attn_mask, key_padding_mask)
     ctx.cfg = tuple(cfg)
 
 
 def _attention_backward(ctx, grad):
-    q, k, v, attn_mask = ctx.saved_tensors
+    saved = ctx.saved_tensors
     wanted = sum(1 << i for i, need in enumerate(ctx.needs_input_grad[:3]) if need)
     got = iter(
-        torch.ops.pxcompile.pixelfly_attention_backward(grad, q, k, v, attn_mask, *ctx.cfg, wanted)
+        torch.ops.pxcompile.pixelfly_attention_backward(grad, *saved, *ctx.cfg, wanted)
         if wanted
         else ()
     )
     grads = [next(got) if wanted >> i & 1 else None for i in range(3)]
-    return (*grads, *([None] * (1 + len(ctx.cfg))))
+    return (*grads, *([None] * (2 + len(ctx.cfg))))
 
 
 pixelfly_attention.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -372,21 +384,10 @@ class PixelflyAttentionOp(nn.Module):
         key_padding_mask: Tensor | None = None,
         enable_gqa: bool = False,
     ) -> Tensor:
-        if enable_gqa and k.shape[-3] != q.shape[-3]:
-            rep = q.shape[-3] // k.shape[-3]
-            k = k.repeat_interleave(rep, dim=-3)
-            v = v.repeat_interleave(rep, dim=-3)
-        if key_padding_mask is not None:
-            keep = ~key_padding_mask.bool()[:, None, None, :]
-            if attn_mask is None:
-                attn_mask = keep
-            elif attn_mask.dtype == torch.bool:
-                attn_mask = attn_mask & keep
-            else:
-                attn_mask = attn_mask.masked_fill(~keep, float("-inf"))
         return torch.ops.pxcompile.pixelfly_attention(
-            q, k, v, attn_mask, bool(is_causal), scale, *self.cfg
-        )
+            q, k, v, attn_mask, key_padding_mask, bool(is_causal), bool(enable_gqa), scale,
+            *self.cfg,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return "block={}, factors={}, globals={}, min_seq={}".format(*self.cfg)

@@ -116,6 +116,22 @@ class SDPAAttention(nn.Module):
         return self.proj(o.transpose(1, 2).reshape(b, n, d))
 
 
+class CausalSDPA(nn.Module):
+    """Causal self-attention: packed qkv Linear + F.scaled_dot_product_attention(is_causal)."""
+
+    def __init__(self, dim: int = 64, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, n, d))
+
+
 class ManualAttention(nn.Module):
     """Written-out attention: softmax(Q K^T / sqrt(d)) V with a packed qkv Linear."""
 

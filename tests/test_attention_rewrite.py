@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
+from models_zoo import CausalSDPA, ManualAttention
 from torch import nn
 
 from pxcompile import api
@@ -116,23 +116,9 @@ def test_gpt2_causality_and_training_step():
     assert losses[-1] < losses[0]
 
 
-class _TinyAttn(nn.Module):
-    def __init__(self, dim=64, heads=2):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, x):
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(B, L, D))
-
-
 def test_fx_sdpa_node_replaced():
     torch.manual_seed(0)
-    model = nn.Sequential(_TinyAttn(), _TinyAttn())
+    model = nn.Sequential(CausalSDPA(), CausalSDPA())
     x = torch.randn(1, 1024, 64)
     y = torch.randn(1, SEQ, 64)
     gm, ref = _compile_both(model, (y,))
@@ -163,7 +149,7 @@ def test_custom_spec_and_reference_are_separate_implementations():
 
 def test_plan_gradients_match_masked_dense_reference():
     torch.manual_seed(0)
-    model = nn.Sequential(_TinyAttn(), _TinyAttn())
+    model = nn.Sequential(CausalSDPA(), CausalSDPA())
     y = torch.randn(1, SEQ, 64)
     gm, ref = _compile_both(model, (y,))
     a, b = y.clone().requires_grad_(), y.clone().requires_grad_()
@@ -177,7 +163,7 @@ def test_plan_gradients_match_masked_dense_reference():
 
 
 def test_attention_under_min_seq_stays_dense_with_reason():
-    model = nn.Sequential(_TinyAttn())
+    model = nn.Sequential(CausalSDPA())
     plan = api.plan(model, 0.3, 32, example_inputs=(torch.randn(1, 1024, 64),))
     lp = plan["0.scores"]
     assert not lp.sparse and "under attention_min_seq 2048" in lp.reason
@@ -188,17 +174,9 @@ def test_attention_under_min_seq_stays_dense_with_reason():
     assert plan["0.scores"].attention is not None
 
 
-class _ChainAttn(_TinyAttn):
-    def forward(self, x):
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        a = (q @ k.transpose(-2, -1) / 32**0.5).softmax(-1)
-        return self.out((a @ v).transpose(1, 2).reshape(B, L, D))
-
-
 def test_unreachable_attention_stays_dense_with_reason():
     x = torch.randn(1, SEQ, 64)
-    plan = api.plan(nn.Sequential(_ChainAttn()), 0.3, 32, example_inputs=(x,))
+    plan = api.plan(nn.Sequential(ManualAttention(64, 2)), 0.3, 32, example_inputs=(x,))
     assert not plan["0.scores"].sparse and "matmul, softmax, matmul" in plan["0.scores"].reason
     mha = nn.MultiheadAttention(64, 2, batch_first=True)
 
@@ -220,7 +198,7 @@ def test_plan_attention_errors_are_one_line(tmp_path):
 
     from pxcompile.errors import PlanError
 
-    model = nn.Sequential(_TinyAttn(), _TinyAttn())
+    model = nn.Sequential(CausalSDPA(), CausalSDPA())
     y = torch.randn(1, SEQ, 64)
     traced = api.trace(model, (y,))
     plan = api.plan(traced, 0.3, 32)

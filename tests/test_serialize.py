@@ -11,6 +11,7 @@ import zipfile
 import pytest
 import torch
 import torch.nn.functional as F
+from models_zoo import CausalSDPA
 from torch import fx, nn
 
 import pxcompile
@@ -443,24 +444,10 @@ def test_unexportable_model_gives_one_line_error(tmp_path):
     assert not (tmp_path / "b.pxc").exists()
 
 
-class _LongAttn(nn.Module):
-    def __init__(self, d: int = 64, heads: int = 2) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
-
-    def forward(self, x):
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(B, L, D))
-
-
 def test_pixelfly_attention_round_trips_as_an_op(tmp_path):
     torch.manual_seed(0)
     x = torch.randn(2, 2048, 64)
-    gm = pxcompile.sparsify(nn.Sequential(_LongAttn(), _LongAttn()), 0.3, example_inputs=(x,))
+    gm = pxcompile.sparsify(nn.Sequential(CausalSDPA(), CausalSDPA()), 0.3, example_inputs=(x,))
     assert gm.pxcompile_plan.sparse_attention_layers
     path = tmp_path / "att.pxc"
     pxcompile.save(gm, path)

@@ -11,6 +11,7 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
+from models_zoo import CausalSDPA
 from torch import nn
 
 import pxcompile
@@ -194,25 +195,11 @@ def test_parameter_names_stable_across_save_load_and_checkpoint_resumes(tmp_path
         torch.testing.assert_close(v, want[k], rtol=0, atol=0, msg=k)
 
 
-class _Attn(nn.Module):
-    def __init__(self, d: int = 32, heads: int = 2) -> None:
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out = nn.Linear(d, d)
-
-    def forward(self, x):
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        y = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.out(y.transpose(1, 2).reshape(B, L, D))
-
-
 def _with_attention() -> tuple[torch.fx.GraphModule, torch.Tensor]:
     torch.manual_seed(0)
     x = torch.randn(2, 256, 32)
     policy = {"attention_min_seq": 256, "attention_block": 16}
-    gm = pxcompile.sparsify(_Attn(), 0.3, block=8, example_inputs=(x,), policy=policy)
+    gm = pxcompile.sparsify(CausalSDPA(32), 0.3, block=8, example_inputs=(x,), policy=policy)
     assert gm.pxcompile_plan.sparse_attention_layers
     return gm, x
 
