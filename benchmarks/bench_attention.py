@@ -13,7 +13,8 @@ forward + backward there takes ~30 s a run), so the whole table stays under 5 mi
     python benchmarks/bench_attention.py            # full table (< 5 minutes)
     python benchmarks/bench_attention.py --quick    # 1024 and 4096 only, fewer repetitions
     python benchmarks/bench_attention.py --causal   # causal attention (SDPA is_causal=True)
-    python benchmarks/bench_attention.py --model    # GPT-style model training steps at 2048
+    python benchmarks/bench_attention.py --model    # GPT training steps at 2048 (2x256, 2x768)
+    python benchmarks/bench_attention.py --model --threads 1   # the same without fork/joins
 
 Columns: ``kept`` (kept fraction of the score blocks; of the lower triangle when causal),
 ``sdpa ms`` (dense SDPA), ``px ms`` (pixelfly), ``vs sdpa`` (dense SDPA / pixelfly),
