@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import weakref
 from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -282,7 +283,15 @@ def _head_tiles(BH: int, per_head: int) -> list[tuple[int, int]]:
     return [(h0, min(BH, h0 + hc)) for h0 in range(0, BH, hc)]
 
 
+class _Scratch(dict):
+    """One thread's scratch buffers (a dict that can be weakly referenced, by identity)."""
+
+    __hash__ = object.__hash__
+    __eq__ = object.__eq__
+
+
 _WS = threading.local()
+_WS_ALL: weakref.WeakSet[_Scratch] = weakref.WeakSet()  # live threads' (workers' too)
 
 
 def _ws(slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -290,7 +299,9 @@ def _ws(slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     every call, reused ones don't. Never saved for backward nor returned."""
     cache = getattr(_WS, "bufs", None)
     if cache is None:
-        cache = _WS.bufs = {}
+        cache = _WS.bufs = _Scratch()
+        with _POOL_LOCK:
+            _WS_ALL.add(cache)
     # inference tensors (made under torch.inference_mode) can't be written outside it
     key = (slot, like.dtype, like.device, torch.is_inference_mode_enabled())
     n = math.prod(shape)
@@ -301,8 +312,13 @@ def _ws(slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
 
 
 def release_workspace() -> None:
-    """Free this thread's scratch buffers (they are kept between calls to avoid page faults)."""
-    _WS.bufs = {}
+    """Free the scratch buffers of every thread that ran Pixelfly attention, the worker
+    threads' included (they are kept between calls to avoid page faults). Not while an
+    attention call runs."""
+    with _POOL_LOCK:
+        caches = list(_WS_ALL)
+    for cache in caches:
+        cache.clear()
 
 
 def _gather(x: Tensor, index: Tensor, block: int, slot: str) -> Tensor:

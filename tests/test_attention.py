@@ -337,3 +337,18 @@ def test_gradcheck_dropout_in_chunks(monkeypatch):
         return pixelfly_attention(a, b, c, lay, causal=True, dropout_p=0.3)
 
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_release_workspace_frees_the_workers_buffers(monkeypatch):
+    monkeypatch.setattr(A, "_chunks", lambda BH, dev: [(0, 1), (1, BH)])
+    lay = attention_layout(128, 16, 2, 1)
+    q, k, v = (t.detach() for t in _qkv(1, 2, 128, 8))
+    pixelfly_attention(q, k, v, lay, causal=True)
+    assert sum(len(c) for c in list(A._WS_ALL)) > 0
+    A.release_workspace()
+    assert sum(len(c) for c in list(A._WS_ALL)) == 0
+    assert torch.allclose(
+        pixelfly_attention(q, k, v, lay, causal=True),
+        masked_dense_attention(q, k, v, lay.element_mask(True)),
+        atol=1e-5,
+    )
