@@ -193,7 +193,9 @@ def _plan(layout: BlockLayout, causal: bool) -> _Plan:
     for i in range(g, n):
         keys = np.flatnonzero(bm[i]).tolist()
         if i not in keys or keys[:g] != list(range(g)):
-            raise ValueError("pixelfly attention: every sparse row must keep its diagonal block")
+            raise ValueError(
+                "pixelfly attention: every sparse row must keep its diagonal and global blocks"
+            )
         keys = keys[:g] + [j for j in keys[g:] if j != i] + [i]
         rows, idx = by_c.setdefault(len(keys), ([], []))
         rows.append(i)
