@@ -1,7 +1,8 @@
 """Whole models compiled at --budget 0.3 --block 32 against their dense selves: one training
 step (forward, backward, SGD step) and forward-only inference, plus the peak memory of one
-training step. Ratios are dense time / compiled time, medians of several alternating runs in
-one process, fp32, 2 threads.
+training step. Ratios are dense time / compiled time: each repetition runs dense then compiled
+back to back and takes the ratio of that pair (both see the same machine load), the table shows
+the median pair; fp32, 2 threads, one process. The load average is printed with the table.
 
     python benchmarks/bench_model.py              # Mixer-B/16 (batch 8), GPT-2 small (seq 512, batch 2)
     python benchmarks/bench_model.py --quick      # smaller models, fewer runs
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import runpy
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -79,6 +83,48 @@ print((kb("VmHWM:") - base) / 1024)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def paired_ratio(dense, compiled, repeats: int, warmup: int = 1) -> tuple[float, float, float]:
+    """Median over back-to-back pairs of ``time(dense) / time(compiled)``, and the median
+    seconds of each side (context only)."""
+    for _ in range(warmup):
+        dense()
+        compiled()
+    ratios, td, tc = [], [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dense()
+        t1 = time.perf_counter()
+        compiled()
+        t2 = time.perf_counter()
+        ratios.append((t1 - t0) / (t2 - t1))
+        td.append(t1 - t0)
+        tc.append(t2 - t1)
+    return statistics.median(ratios), statistics.median(td), statistics.median(tc)
+
+
+def compare(dense, compiled, inputs, repeats: int) -> dict:
+    """Forward (inference mode, eval) and one training step (train mode), paired ratios."""
+    from pxcompile.bench import forward_fn, train_step_fn
+
+    dense.eval()
+    compiled.eval()
+    fwd, fd, fc = paired_ratio(forward_fn(dense, inputs), forward_fn(compiled, inputs), repeats)
+    dense.train()
+    compiled.train()
+    trn, td, tc = paired_ratio(
+        train_step_fn(dense, inputs), train_step_fn(compiled, inputs), repeats
+    )
+    nd = sum(p.numel() for p in dense.parameters())
+    nc = sum(p.numel() for p in compiled.parameters())
+    return {
+        "forward_speedup": fwd,
+        "train_speedup": trn,
+        "params_ratio": nc / nd,
+        "forward_ms": (fd * 1e3, fc * 1e3),
+        "train_ms": (td * 1e3, tc * 1e3),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Whole-model speed of pxcompile vs dense")
     ap.add_argument("--quick", action="store_true", help="smaller models, fewer runs")
@@ -91,8 +137,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     import pxcompile
-    from pxcompile.bench import compare
 
+    load0 = os.getloadavg()
     repeats = args.repeats or (3 if args.quick else 5)
     rows = []
     for name in args.models.split(","):
@@ -106,9 +152,7 @@ def main() -> None:
             "model": name,
             "flops_kept": s.model_fraction,
             "eligible_kept": s.eligible_fraction,
-            "params_ratio": c.params_ratio,
-            "forward_speedup": c.forward_speedup,
-            "train_speedup": c.train_speedup,
+            **c,
         }
         if not args.no_memory:
             row["peak_mb_dense"] = peak_memory_mb(
@@ -119,20 +163,30 @@ def main() -> None:
             )
         rows.append(row)
         print(f"done {name}", file=sys.stderr)
-    print(f"\nbudget {args.budget}, block {args.block}, fp32, 2 threads, medians of {repeats} runs")
+    load1 = os.getloadavg()
+    print(
+        f"\nbudget {args.budget}, block {args.block}, fp32, 2 threads, median of {repeats} paired "
+        f"runs; load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end"
+    )
     print(
         "| model | FLOPs kept (model / eligible) | params | forward speedup | train step speedup | peak MB train step (dense -> pixelfly) |"
     )
     print("|---|---|---|---|---|---|")
     for r in rows:
         mem = (
-            "-"
-            if "peak_mb_dense" in r is None
-            else f"{r.get('peak_mb_dense', float('nan')):.0f} -> {r.get('peak_mb_pixelfly', float('nan')):.0f}"
+            f"{r['peak_mb_dense']:.0f} -> {r['peak_mb_pixelfly']:.0f}"
+            if "peak_mb_dense" in r
+            else "-"
         )
         print(
             f"| {r['model']} | {r['flops_kept']:.3f} / {r['eligible_kept']:.3f} | {r['params_ratio']:.3f}x "
             f"| {r['forward_speedup']:.2f}x | {r['train_speedup']:.2f}x | {mem} |"
+        )
+    print("\nmedian ms (context only; dense / pixelfly):")
+    for r in rows:
+        print(
+            f"  {r['model']}: forward {r['forward_ms'][0]:.0f} / {r['forward_ms'][1]:.0f}, "
+            f"train step {r['train_ms'][0]:.0f} / {r['train_ms'][1]:.0f}"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

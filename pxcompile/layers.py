@@ -32,11 +32,19 @@ ever needs a serial ``index_put`` with accumulation.
 Execution paths (see :func:`PixelflyLinear.forward`):
 
 * ``"eager"``: plain PyTorch ops inside a hand-written :class:`torch.autograd.Function`.
-* ``"compiled"``: the same bodies through ``torch.compile`` (inductor), compiled lazily on first
-  use, separately for grad / no-grad. Disabled by ``PXCOMPILE_NO_COMPILE=1`` or
+* ``"compiled"``: the same, with the memory-bound steps around each batched matmul (the XOR
+  gather, the XOR gather-sum with bias and low-rank column sums) each fused into one loop by
+  ``torch.compile`` (inductor), compiled lazily on first use per shape; the matmuls themselves
+  are eager ``torch.bmm`` calls either way. Disabled by ``PXCOMPILE_NO_COMPILE=1`` or
   ``pxcompile.layers.COMPILE = False``; any compile failure falls back to eager for good.
 * Both split rows into equal tiles of about ``TILE_ROWS`` from ``2 * TILE_ROWS`` rows on, to
   keep the gathered buffers in cache.
+* Both keep the buffers that never leave a call (the matmul's cell-major result, the gathered
+  input when nothing saves it, the weight with its low-rank factor appended) in per-thread
+  workspaces reused from call to call (:func:`clear_workspaces` frees them). In a whole model a
+  freshly allocated buffer of tens of MB is page-faulted in 4 KiB at a time on every call,
+  which costs about as much as the memory pass that fills it; outputs, saved tensors and
+  gradients are always fresh tensors.
 
 Auto dispatch (``PixelflyLinear.choose_path``): compiled from ``COMPILE_MIN_ROWS`` rows on when
 compiling is available, eager below (call overhead dominates at a few rows). Without autograd
@@ -48,6 +56,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -67,6 +76,7 @@ __all__ = [
     "COMPILE_MIN_ROWS",
     "TILE_ROWS",
     "compile_available",
+    "clear_workspaces",
 ]
 
 #: Module-wide switch for the compiled path (also off when ``PXCOMPILE_NO_COMPILE=1``).
@@ -119,13 +129,97 @@ def _xor_index(n: int, factors: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# kernels: pure functions of tensors (the compiled path runs these same bodies through
-# torch.compile). ``gidx`` [n*f1] is the flat XOR index: gathered chunk ``i*f1 + k`` is cell
+# kernels. ``gidx`` [n*f1] is the flat XOR index: gathered chunk ``i*f1 + k`` is cell
 # ``idx[i, k]``; ``idx2`` [n, f1] the same as a matrix. The low-rank term rides along inside
 # the batched matmul: in gather mode ``t = x V^T`` is appended to every cell's gathered input
 # (and ``U``'s rows of the cell to its weight); in scatter mode ``V``'s columns of the cell are
 # appended to its weight, so ``t`` is the sum over cells of the extra outputs.
+#
+# Each pass is: a memory-bound step before the batched matmul (a gather), the matmul itself
+# (eager, ``torch.bmm``), and a memory-bound step after it (an XOR gather-sum, or an untranspose
+# of the cell-major result). The memory-bound steps are pure functions (``_gather_cells``,
+# ``_sum_cells``) that the compiled path runs through ``torch.compile`` (one fused loop each).
+# Buffers that never leave a call (the matmul's cell-major output, the gathered input when it
+# is not saved for the backward, the concatenated weight) live in per-thread workspaces that
+# are reused from call to call: fresh tens-of-MB buffers cost a page fault every 4 KiB, which
+# at these sizes is as much time as the memory pass itself, and more under load.
 # --------------------------------------------------------------------------------------------
+
+_WS = threading.local()
+
+
+def _workspace(tag: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A reusable per-thread scratch tensor of ``shape`` (``like``'s dtype and device), one
+    per ``tag``; its contents are undefined. Never hand one out of a call."""
+    bufs = getattr(_WS, "bufs", None)
+    if bufs is None:
+        bufs = _WS.bufs = {}
+    key = (tag, like.device, like.dtype)
+    numel = math.prod(shape)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        bufs.pop(key, None)
+        with torch.inference_mode(False):  # usable inside and outside inference mode
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+        bufs[key] = buf
+    return buf[:numel].view(shape)
+
+
+def clear_workspaces() -> None:
+    """Free this thread's PixelflyLinear scratch buffers (they are reused, not freed, between
+    calls; at most a few per dtype and device, each the size of one layer's largest pass)."""
+    _WS.bufs = {}
+
+
+def _use_ws(x: Tensor, blocks: Tensor) -> bool:
+    """Workspaces (``out=`` matmuls) only where the matmul's dtype is the operands' own: under
+    autocast the plain ops pick the dtype."""
+    return (
+        x.dtype == blocks.dtype and not torch.is_autocast_enabled(x.device.type) and not _tracing()
+    )
+
+
+def _tracing() -> bool:
+    """Inside a ``torch.compile`` / export trace of the model: functional ops only."""
+    return torch.compiler.is_compiling()
+
+
+def _bmm(ws: bool, a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` batched, into the ``"out"`` workspace when ``ws`` (a scratch result)."""
+    if not ws:
+        return torch.bmm(a, b)
+    return torch.bmm(a, b, out=_workspace("out", (a.shape[0], a.shape[1], b.shape[2]), a))
+
+
+def _cat_w(ws: bool, parts: list[Tensor], dim: int) -> Tensor:
+    """The weight with the low-rank factor appended, into the ``"w"`` workspace when ``ws``."""
+    if not ws:
+        return torch.cat(parts, dim)
+    shape = list(parts[0].shape)
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    return torch.cat(parts, dim, out=_workspace("w", tuple(shape), parts[0]))
+
+
+def _untranspose(o: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Cell-major ``o [n, M, c]`` (+ ``bias [n*c]``) -> a fresh ``[M, n*c]`` (never a view of
+    ``o``), in one pass."""
+    n, m, c = o.shape
+    if _tracing():
+        y = o.transpose(0, 1) if bias is None else o.transpose(0, 1) + bias.to(o.dtype).view(n, c)
+        return y.reshape(m, n * c)
+    y = torch.empty((m, n * c), dtype=o.dtype, device=o.device)
+    if bias is None:
+        y.view(m, n, c).copy_(o.transpose(0, 1))
+    else:  # under autocast the bias follows the matmul's dtype (as baddbmm would)
+        torch.add(o.transpose(0, 1), bias.to(o.dtype).view(n, c), out=y.view(m, n, c))
+    return y
+
+
+def _addmm_(y: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``y + a @ b``, in place when the dtypes agree (not under autocast)."""
+    if y.dtype == a.dtype == b.dtype and not torch.is_autocast_enabled(y.device.type):
+        return torch.addmm(y, a, b) if _tracing() else y.addmm_(a, b)
+    return torch.addmm(y, a, b)
 
 
 def _gather_sum(p: Tensor, idx2: Tensor, f1: int) -> Tensor:
@@ -137,88 +231,106 @@ def _gather_sum(p: Tensor, idx2: Tensor, f1: int) -> Tensor:
     return g[idx2, :, kk].sum(1)  # [n, f1, M, c] -> [n, M, c]
 
 
-def _fwd_one(x, blocks, u, v, bias, gidx, idx2, mode: str, f1: int, need_saved: bool):
+def _gather_cells(x: Tensor, t: Tensor | None, gidx: Tensor, n: int, out: Tensor | None):
+    """``x [M, n*c]`` -> ``[M, n, f1*c (+ r)]``: row block ``i`` holds x's cells ``idx[i, :]``
+    side by side, then ``t [M, r]`` when given. Written into ``out`` when given."""
+    m = x.shape[0]
+    kk = (gidx.shape[0] // n) * (x.shape[1] // n)
+    xg = x.view(m, n, -1).index_select(1, gidx).view(m, n, kk)
+    if t is not None:
+        xg = torch.cat([xg, t.unsqueeze(1).expand(m, n, t.shape[1])], 2)
+    if out is None:
+        return xg
+    out.copy_(xg)
+    return out
+
+
+def _sum_cells(p: Tensor, idx2: Tensor, f1: int, width: int, bias: Tensor | None):
+    """``p [n, M, width (+ r)]`` (a matmul's cell-major result) -> ``(y [M, n*c], t)``:
+    ``y[:, cell i] = sum_k p[idx[i, k], :, chunk k]`` (+ bias) and ``t [M, r]`` the sum over
+    cells of the last ``r`` columns (None when ``r == 0``). Both fresh."""
+    n, m, _ = p.shape
+    y = _gather_sum(p[..., :width], idx2, f1).transpose(0, 1).reshape(m, -1)
+    if bias is not None:
+        y = y + bias
+    t = p[..., width:].sum(0) if p.shape[2] > width else None
+    return y, t
+
+
+def _fwd_one(x, blocks, u, v, bias, gidx, idx2, mode: str, f1: int, need_saved: bool, comp):
     """One row tile: ``x [M, in]`` contiguous -> ``(y [M, out], saved)``."""
     m = x.shape[0]
     n = blocks.shape[0]
+    ws = _use_ws(x, blocks)
     if mode == "gather":
-        c_out, kk = blocks.shape[1], blocks.shape[2]
-        xg = x.view(m, n, -1).index_select(1, gidx).view(m, n, kk)
-        w = blocks
+        c_out = blocks.shape[1]
+        t, w = None, blocks
         if u is not None:
             t = x @ v.t()
-            r = t.shape[1]
-            xg = torch.cat([xg, t.unsqueeze(1).expand(m, n, r)], 2)
-            w = torch.cat([blocks, u.view(n, c_out, r)], 2)
-        if bias is None:
-            o = torch.bmm(xg.transpose(0, 1), w.transpose(1, 2))  # [n, M, c_out]
-        else:
-            o = torch.baddbmm(bias.view(n, 1, c_out), xg.transpose(0, 1), w.transpose(1, 2))
-        y = o.transpose(0, 1).reshape(m, -1)  # a view when M == 1
+            w = _cat_w(ws, [blocks, u.view(n, c_out, -1)], 2)
+        dest = _workspace("in", (m, n, w.shape[2]), x) if ws and not need_saved else None
+        xg = _call(comp, "gather", _gather_cells, x, t, gidx, n, dest)
+        y = _untranspose(_bmm(ws, xg.transpose(0, 1), w.transpose(1, 2)), bias)
         return y, (xg if need_saved else None)
     c_in = blocks.shape[2]
     ff = blocks.shape[1]
     xc = x.view(m, n, c_in).transpose(0, 1)  # [n, M, c_in]
     w = blocks
     if u is not None:
-        w = torch.cat([blocks, v.view(-1, n, c_in).transpose(0, 1)], 1)
-    p = torch.bmm(xc, w.transpose(1, 2))  # [n, M, ff (+ r)]
-    y = _gather_sum(p[..., :ff], idx2, f1).transpose(0, 1).reshape(m, -1)
-    t = None
+        w = _cat_w(ws, [blocks, v.view(-1, n, c_in).transpose(0, 1)], 1)
+    p = _bmm(ws, xc, w.transpose(1, 2))  # [n, M, ff (+ r)]
+    y, t = _call(comp, "sum_cells", _sum_cells, p, idx2, f1, ff, bias)
     if u is not None:
-        t = p[..., ff:].sum(0)  # [M, r] = x V^T
-        y = torch.addmm(y, t, u.t()) if bias is None else torch.addmm(y + bias, t, u.t())
-    elif bias is not None:
-        y = y + bias
+        y = _addmm_(y, t, u.t())
     return y, (t if need_saved else None)
 
 
-def _bwd_one(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w):
+def _bwd_one(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w, comp):
     """One row tile of the backward. ``need_w`` covers blocks, U and V together. Returns
     ``(gx, gblocks, gu, gv)`` (weight grads for this tile, to be summed over tiles)."""
     m = gy.shape[0]
     n = blocks.shape[0]
+    ws = _use_ws(gy, blocks)
     gx = gw = gu = gv = None
     if mode == "gather":
         c_out, kk = blocks.shape[1], blocks.shape[2]
-        xg = saved
-        if xg is None:
-            xg = x.view(m, n, -1).index_select(1, gidx).view(m, n, kk)
-            if u is not None:
-                t = x @ v.t()
-                xg = torch.cat([xg, t.unsqueeze(1).expand(m, n, t.shape[1])], 2)
+        w = blocks if u is None else _cat_w(ws, [blocks, u.view(n, c_out, -1)], 2)
         gyc = gy.view(m, n, c_out).transpose(0, 1)  # [n, M, c_out]
         if need_w:
+            xg = saved
+            if xg is None:
+                t = None if u is None else x @ v.t()
+                dest = _workspace("in", (m, n, w.shape[2]), x) if ws else None
+                xg = _call(comp, "gather", _gather_cells, x, t, gidx, n, dest)
             gwe = torch.bmm(gyc.transpose(1, 2), xg.transpose(0, 1))  # [n, c_out, K (+ r)]
             gw = gwe[..., :kk]
             if u is not None:
                 gu = gwe[..., kk:].reshape(-1, u.shape[1])
         if need_x or (need_w and u is not None):
-            w = blocks if u is None else torch.cat([blocks, u.view(n, c_out, -1)], 2)
-            gxe = torch.bmm(gyc, w)  # [n, M, K (+ r)]
+            gxe = _bmm(ws, gyc, w)  # [n, M, K (+ r)]
             if need_x:
-                gx = _gather_sum(gxe[..., :kk], idx2, f1).transpose(0, 1).reshape(m, -1)
-            if u is not None:
-                gt = gxe[..., kk:].sum(0)  # [M, r] = gy U
+                gx, gt = _call(comp, "sum_cells", _sum_cells, gxe, idx2, f1, kk, None)
+            else:
+                gt = gxe[..., kk:].sum(0)
+            if u is not None:  # gt [M, r] = gy U
                 if need_x:
-                    gx = torch.addmm(gx, gt, v)
+                    gx = _addmm_(gx, gt, v)
                 if need_w:
                     gv = gt.t() @ x
         return gx, gw, gu, gv
     c_in = blocks.shape[2]
     ff = blocks.shape[1]
-    gp = gy.view(m, n, -1).index_select(1, gidx).view(m, n, ff)  # [M, n, ff]
-    w = blocks
+    w, gt = blocks, None
     if u is not None:
         gt = gy @ u  # [M, r]
-        gp = torch.cat([gp, gt.unsqueeze(1).expand(m, n, gt.shape[1])], 2)
-        w = torch.cat([blocks, v.view(-1, n, c_in).transpose(0, 1)], 1)
+        w = _cat_w(ws, [blocks, v.view(-1, n, c_in).transpose(0, 1)], 1)
         if need_w:
             t = saved if saved is not None else x @ v.t()
             gu = gy.t() @ t
-    gpc = gp.transpose(0, 1)  # [n, M, ff (+ r)]
+    dest = _workspace("in", (m, n, w.shape[1]), gy) if ws else None
+    gpc = _call(comp, "gather", _gather_cells, gy, gt, gidx, n, dest).transpose(0, 1)
     if need_x:
-        gx = torch.bmm(gpc, w).transpose(0, 1).reshape(m, -1)
+        gx = _untranspose(_bmm(ws, gpc, w))  # [n, M, c_in] -> [M, in]
     if need_w:
         xc = x.view(m, n, c_in).transpose(0, 1)
         gwe = torch.bmm(gpc.transpose(1, 2), xc)  # [n, ff (+ r), c_in]
@@ -228,16 +340,16 @@ def _bwd_one(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w):
     return gx, gw, gu, gv
 
 
-def _fwd_body(x, blocks, u, v, bias, gidx, idx2, mode: str, f1: int, tile: int, need_saved: bool):
+def _fwd_body(x, blocks, u, v, bias, gidx, idx2, mode, f1, tile, need_saved, comp=False):
     """Forward of ``x [M, in]`` (contiguous) with rows in tiles of ``tile`` (0: one tile).
     Returns ``(y, saved)``; ``saved`` is the untiled tile's gathered input (gather mode) or
     ``t = x V^T`` (scatter mode), None when tiled (recomputed in the backward)."""
     m = x.shape[0]
     size = _tile_size(m, tile)
     if size >= m:
-        return _fwd_one(x, blocks, u, v, bias, gidx, idx2, mode, f1, need_saved)
+        return _fwd_one(x, blocks, u, v, bias, gidx, idx2, mode, f1, need_saved, comp)
     ys = [
-        _fwd_one(x[s : s + size], blocks, u, v, bias, gidx, idx2, mode, f1, False)[0]
+        _fwd_one(x[s : s + size], blocks, u, v, bias, gidx, idx2, mode, f1, False, comp)[0]
         for s in range(0, m, size)
     ]
     return torch.cat(ys), None
@@ -251,21 +363,21 @@ def _tile_size(m: int, tile: int) -> int:
     return -(-m // k)
 
 
-def _bwd_body(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, tile, need_x, need_w, need_b):
+def _bwd_body(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, tile, nx, nw, nb, comp=False):
     m = gy.shape[0]
     size = _tile_size(m, tile)
     if size >= m:
-        gx, gw, gu, gv = _bwd_one(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w)
+        gx, gw, gu, gv = _bwd_one(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, nx, nw, comp)
     else:
         gxs = []
         gw = gu = gv = None
         for s in range(0, m, size):
             sl = slice(s, s + size)
-            r = _bwd_one(gy[sl], x[sl], None, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w)
+            r = _bwd_one(gy[sl], x[sl], None, blocks, u, v, gidx, idx2, mode, f1, nx, nw, comp)
             gxs.append(r[0])
             gw, gu, gv = _add(gw, r[1]), _add(gu, r[2]), _add(gv, r[3])
-        gx = torch.cat(gxs) if need_x else None
-    gb = gy.sum(0) if need_b else None
+        gx = torch.cat(gxs) if nx else None
+    gb = gy.sum(0) if nb else None
     return gx, gw, gu, gv, gb
 
 
@@ -276,7 +388,7 @@ def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 # --------------------------------------------------------------------------------------------
-# compiled bodies (optional, lazy, with an eager fallback)
+# compiled steps (optional, lazy, with an eager fallback)
 # --------------------------------------------------------------------------------------------
 
 _COMPILED: dict[str, object] = {}
@@ -312,6 +424,7 @@ def _compiled(name: str, fn):
 
 
 def _call(compiled: bool, name: str, fn, *args):
+    """``fn(*args)``, through ``torch.compile`` when ``compiled`` (and compiling works)."""
     global _COMPILE_FAILED
     if compiled and COMPILE and not _COMPILE_FAILED:
         try:
@@ -338,12 +451,9 @@ class _PixelflyFn(torch.autograd.Function):
         need_saved = need_w and _tile_size(x.shape[0], tile) >= x.shape[0]
         if mode == "scatter":
             need_saved = need_saved and u is not None
-        y, saved = _call(
-            compiled,
-            "fwd_grad",
-            _fwd_body,
-            x, blocks, u, v, bias, gidx, idx2, mode, f1, tile, need_saved,
-        )  # fmt: skip
+        y, saved = _fwd_body(
+            x, blocks, u, v, bias, gidx, idx2, mode, f1, tile, need_saved, compiled
+        )
         ctx.save_for_backward(x if need_w else None, saved, blocks, u, v, gidx, idx2)
         ctx.cfg = (mode, f1, tile, compiled, nx, need_w, nb)
         return y
@@ -354,11 +464,9 @@ class _PixelflyFn(torch.autograd.Function):
     def backward(ctx, gy):
         x, saved, blocks, u, v, gidx, idx2 = ctx.saved_tensors
         mode, f1, tile, compiled, nx, need_w, nb = ctx.cfg
-        gx, gw, gu, gv, gb = _call(
-            compiled,
-            "bwd",
-            _bwd_body,
+        gx, gw, gu, gv, gb = _bwd_body(
             gy.contiguous(), x, saved, blocks, u, v, gidx, idx2, mode, f1, tile, nx, need_w, nb,
+            compiled,
         )  # fmt: skip
         return gx, gw, gu, gv, gb, None, None, None, None, None, None
 
@@ -582,7 +690,7 @@ class PixelflyLinear(nn.Module):
         if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
             y = _PixelflyFn.apply(*args, *cfg, path == "compiled")
         else:  # inference: no autograd.Function, nothing saved
-            y = _call(path == "compiled", "fwd_nograd", _fwd_body, *args, *cfg, False)[0]
+            y = _fwd_body(*args, *cfg, False, path == "compiled")[0]
         return y.view(*lead, self.out_features)
 
 

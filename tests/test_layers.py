@@ -338,6 +338,102 @@ def test_inside_a_model_trains():
     assert losses[-1] < losses[0]
 
 
+def _workspace_ptrs() -> set[int]:
+    bufs = getattr(L._WS, "bufs", None) or {}
+    return {b.untyped_storage().data_ptr() for b in bufs.values()}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(("fin", "fout", "rank"), [(64, 128, 4), (128, 64, 4), (128, 64, 0)])
+def test_results_never_alias_workspaces(fin, fout, rank, bias, path):
+    """Scratch buffers are reused from call to call (and shared by layers): no output, saved
+    tensor or gradient may live in one. A later call must leave earlier results unchanged,
+    in every grad mode, at 1 row (where a reshape would be a view) and at many."""
+    torch.manual_seed(0)
+    _, p, tile = path
+    a = PixelflyLinear(fin, fout, PatternSpec(4, 2, 8, rank), bias=bias)
+    b = PixelflyLinear(fin, fout, PatternSpec(4, 2, 8, rank), bias=bias)
+    for layer in (a, b):
+        layer.path, layer.tile_rows = p, tile
+    ref, *_ = _reference(a)
+    for m in (1, 40):
+        x = torch.randn(m, fin)
+        with torch.inference_mode():
+            y_inf = a(x)
+        with torch.no_grad():
+            y_ng = a(x)
+        xg = x.clone().requires_grad_(True)
+        y = a(xg)
+        y_keep = y.detach().clone()
+        b(torch.randn(m, fin)).sum().backward()  # reuses every workspace in between
+        y.backward(torch.ones_like(y))
+        gx = xg.grad.clone()
+        b(torch.randn(m, fin)).sum().backward()
+        a.zero_grad()
+        for t in (y_inf, y_ng, y, xg.grad):
+            assert t.untyped_storage().data_ptr() not in _workspace_ptrs()
+        want = ref(x)
+        for t in (y_inf, y_ng, y):
+            assert torch.allclose(t, want, rtol=1e-4, atol=1e-5)
+        assert torch.equal(y.detach(), y_keep)
+        assert torch.equal(xg.grad, gx)
+
+
+def test_workspaces_are_per_thread():
+    import threading
+
+    torch.manual_seed(0)
+    layer = PixelflyLinear(128, 64, PatternSpec(4, 2, 8, 4))
+    layer.tile_rows = 0
+    xs = [torch.randn(300, 128) for _ in range(4)]
+    with torch.no_grad():
+        want = [layer(x) for x in xs]
+    got: dict[int, list] = {}
+
+    def work(i):
+        with torch.no_grad():
+            got[i] = [layer(xs[i]) for _ in range(20)]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        assert all(torch.equal(y, want[i]) for y in got[i])
+
+
+def test_clear_workspaces():
+    layer = PixelflyLinear(64, 128, PatternSpec(4, 2, 8, 4))
+    with torch.no_grad():
+        y1 = layer(torch.ones(8, 64))
+    assert getattr(L._WS, "bufs", None)
+    L.clear_workspaces()
+    assert not L._WS.bufs
+    with torch.no_grad():
+        assert torch.equal(layer(torch.ones(8, 64)), y1)
+
+
+@pytest.mark.parametrize(("fin", "fout"), [(64, 128), (128, 64)])
+def test_autocast_bf16_layer(fin, fout, path):
+    """Under autocast the matmuls run in bf16 (no fp32 workspaces), forward and backward."""
+    torch.manual_seed(0)
+    _, p, tile = path
+    layer = PixelflyLinear(fin, fout, PatternSpec(4, 2, 8, 4))
+    layer.path, layer.tile_rows = p, tile
+    ref, w, b, u, v = _reference(layer)
+    x = torch.randn(40, fin)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    assert _rel(y.float(), ref(x)) < 3e-2
+    y.float().sum().backward()
+    ref(x).sum().backward()
+    assert layer.blocks.grad.dtype == torch.float32
+    assert _rel(layer.bias.grad, b.grad) < 3e-2
+    assert _rel(layer.lowrank_u.grad, u.grad) < 5e-2
+
+
 def test_module_defaults_exist():
     assert isinstance(L.TILE_ROWS, int)
     assert isinstance(L.COMPILE, bool)
@@ -367,11 +463,12 @@ def test_compiled_path(monkeypatch):
         with warnings.catch_warnings():
             warnings.simplefilter("error", RuntimeWarning)  # a compile failure must not hide
             _check_against_reference(layer, torch.randn(40, fin))
-            if tile == 0:
-                ref, *_ = _reference(layer)
-                x = torch.randn(40, fin)
-                with torch.no_grad():
-                    assert torch.allclose(layer(x), ref(x), rtol=1e-4, atol=1e-5)
+            ref, *_ = _reference(layer)
+            x = torch.randn(40, fin)
+            with torch.no_grad():
+                assert torch.allclose(layer(x), ref(x), rtol=1e-4, atol=1e-5)
+            with torch.inference_mode():
+                assert torch.allclose(layer(x), ref(x), rtol=1e-4, atol=1e-5)
     assert not L._COMPILE_FAILED
 
 
