@@ -122,11 +122,17 @@ def table(rows: list[dict]) -> str:
 MODELS = {"2x256": (2, 256, 4, 1024), "2x768": (2, 768, 12, 3072)}
 
 
-def model_steps(seq: int, steps: int, reps: int, spec: AttentionSpec, config: str) -> str:
+def model_steps(
+    seq: int, steps: int, reps: int, spec: AttentionSpec, config: str, plan: bool = False
+) -> str:
     """Training steps (AdamW, batch 1) of examples/gpt.py's GPT at context ``seq``, ``config``
     one of :data:`MODELS`: MLPs and projections sparsified (budget 0.3, attention dense) vs the
     same plus Pixelfly attention. Both are warmed up with 2 steps, timed over ``reps`` paired
-    steps, then trained ``steps`` more steps each (losses compared at the same step)."""
+    steps, then trained ``steps`` more steps each (losses compared at the same step).
+
+    ``plan=True``: the second side is what ``pxcompile.sparsify(model, 0.3)`` gives by default
+    at this length: attention in the budget (its pattern chosen by the mapping pass, the MLPs'
+    densities adjusted so the total stays at 0.3 of the eligible compute)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
     from gpt import GPT
 
@@ -149,7 +155,12 @@ def model_steps(seq: int, steps: int, reps: int, spec: AttentionSpec, config: st
         return pxcompile.sparsify(model, 0.3, example_inputs=(ids[:, :seq],), policy=policy)
 
     mlp = sparse()
-    att = sparsify_attention(sparse(), spec, min_seq=seq)
+    if plan:
+        att = pxcompile.sparsify(model, 0.3, example_inputs=(ids[:, :seq],))
+        assert att.pxcompile_plan.sparse_attention_layers, "the plan left attention dense"
+        spec = att.pxcompile_attention.spec
+    else:
+        att = sparsify_attention(sparse(), spec, min_seq=seq)
 
     def stepper(m):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
@@ -175,8 +186,9 @@ def model_steps(seq: int, steps: int, reps: int, spec: AttentionSpec, config: st
         s_mlp()
         s_att()
     kept = att.pxcompile_attention.spec.density(seq, causal=True)
+    how = "plan, " if plan else ""
     return (
-        f"| GPT {config} ({heads} heads), seq {seq} (causal), {spec.block}/{spec.factors}/"
+        f"| GPT {config} ({heads} heads), seq {seq} (causal), {how}{spec.block}/{spec.factors}/"
         f"{spec.globals} | {t_mlp * 1e3:.0f} | {t_att * 1e3:.0f} | {ratio:.2f}x | {kept:.3f} | "
         f"{l_att[0]:.3f} -> {l_att[-1]:.3f} ({len(l_att)} steps; MLPs only: {l_mlp[-1]:.3f}) |"
     )
@@ -193,6 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--globals", type=int, default=1)
     ap.add_argument("--model", action="store_true", help="GPT-style training steps at 2048")
     ap.add_argument("--config", nargs="*", choices=list(MODELS), help="--model: GPT configs")
+    ap.add_argument(
+        "--plan", action="store_true", help="--model: attention from the budget (sparsify default)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     spec = AttentionSpec(block=args.block, factors=args.factors, globals=args.globals)
@@ -203,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         print("|---|---|---|---|---|---|")
         for config in args.config or list(MODELS):
-            print(model_steps(2048, steps=6, reps=5, spec=spec, config=config), flush=True)
+            row = model_steps(2048, steps=6, reps=5, spec=spec, config=config, plan=args.plan)
+            print(row, flush=True)
         return
     seqs = args.seq or ([1024, 4096] if args.quick else [1024, 2048, 4096, 8192])
     print(
