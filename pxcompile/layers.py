@@ -200,14 +200,15 @@ def _cat_w(ws: bool, parts: list[Tensor], dim: int) -> Tensor:
     return torch.cat(parts, dim, out=_workspace("w", tuple(shape), parts[0]))
 
 
-def _untranspose(o: Tensor, bias: Tensor | None = None) -> Tensor:
-    """Cell-major ``o [n, M, c]`` (+ ``bias [n*c]``) -> a fresh ``[M, n*c]`` (never a view of
-    ``o``), in one pass."""
+def _untranspose(o: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """Cell-major ``o [n, M, c]`` (+ ``bias [n*c]``) -> ``[M, n*c]`` in one pass, into ``out``
+    (contiguous rows, e.g. a row tile of the whole result) or a fresh tensor, never a view of
+    ``o``."""
     n, m, c = o.shape
     if _tracing():
         y = o.transpose(0, 1) if bias is None else o.transpose(0, 1) + bias.to(o.dtype).view(n, c)
         return y.reshape(m, n * c)
-    y = torch.empty((m, n * c), dtype=o.dtype, device=o.device)
+    y = torch.empty((m, n * c), dtype=o.dtype, device=o.device) if out is None else out
     if bias is None:
         y.view(m, n, c).copy_(o.transpose(0, 1))
     else:  # under autocast the bias follows the matmul's dtype (as baddbmm would)
@@ -245,20 +246,25 @@ def _gather_cells(x: Tensor, t: Tensor | None, gidx: Tensor, n: int, out: Tensor
     return out
 
 
-def _sum_cells(p: Tensor, idx2: Tensor, f1: int, width: int, bias: Tensor | None):
+def _sum_cells(p: Tensor, idx2: Tensor, f1: int, width: int, bias: Tensor | None, out=None):
     """``p [n, M, width (+ r)]`` (a matmul's cell-major result) -> ``(y [M, n*c], t)``:
     ``y[:, cell i] = sum_k p[idx[i, k], :, chunk k]`` (+ bias) and ``t [M, r]`` the sum over
-    cells of the last ``r`` columns (None when ``r == 0``). Both fresh."""
+    cells of the last ``r`` columns (None when ``r == 0``). ``y`` is written into ``out`` when
+    given, else fresh; ``t`` is fresh."""
     n, m, _ = p.shape
     y = _gather_sum(p[..., :width], idx2, f1).transpose(0, 1).reshape(m, -1)
     if bias is not None:
         y = y + bias
     t = p[..., width:].sum(0) if p.shape[2] > width else None
+    if out is not None:
+        out.copy_(y)
+        y = out
     return y, t
 
 
-def _fwd_one(x, blocks, u, v, bias, gidx, idx2, mode: str, f1: int, need_saved: bool, comp):
-    """One row tile: ``x [M, in]`` contiguous -> ``(y [M, out], saved)``."""
+def _fwd_one(x, blocks, u, v, bias, gidx, idx2, mode, f1, need_saved, comp, dest=None):
+    """One row tile: ``x [M, in]`` contiguous -> ``(y [M, out], saved)``; ``y`` is written into
+    ``dest`` when given (only with workspaces: no autocast, no tracing)."""
     m = x.shape[0]
     n = blocks.shape[0]
     ws = _use_ws(x, blocks)
@@ -268,9 +274,9 @@ def _fwd_one(x, blocks, u, v, bias, gidx, idx2, mode: str, f1: int, need_saved: 
         if u is not None:
             t = x @ v.t()
             w = _cat_w(ws, [blocks, u.view(n, c_out, -1)], 2)
-        dest = _workspace("in", (m, n, w.shape[2]), x) if ws and not need_saved else None
-        xg = _call(comp, "gather", _gather_cells, x, t, gidx, n, dest)
-        y = _untranspose(_bmm(ws, xg.transpose(0, 1), w.transpose(1, 2)), bias)
+        scratch = _workspace("in", (m, n, w.shape[2]), x) if ws and not need_saved else None
+        xg = _call(comp, "gather", _gather_cells, x, t, gidx, n, scratch)
+        y = _untranspose(_bmm(ws, xg.transpose(0, 1), w.transpose(1, 2)), bias, dest)
         return y, (xg if need_saved else None)
     c_in = blocks.shape[2]
     ff = blocks.shape[1]
@@ -279,15 +285,16 @@ def _fwd_one(x, blocks, u, v, bias, gidx, idx2, mode: str, f1: int, need_saved: 
     if u is not None:
         w = _cat_w(ws, [blocks, v.view(-1, n, c_in).transpose(0, 1)], 1)
     p = _bmm(ws, xc, w.transpose(1, 2))  # [n, M, ff (+ r)]
-    y, t = _call(comp, "sum_cells", _sum_cells, p, idx2, f1, ff, bias)
+    y, t = _call(comp, "sum_cells", _sum_cells, p, idx2, f1, ff, bias, dest)
     if u is not None:
-        y = _addmm_(y, t, u.t())
+        y = _addmm_(y, t, u.t())  # in place (into dest) with workspaces
     return y, (t if need_saved else None)
 
 
-def _bwd_one(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w, comp):
+def _bwd_one(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w, comp, dest=None):
     """One row tile of the backward. ``need_w`` covers blocks, U and V together. Returns
-    ``(gx, gblocks, gu, gv)`` (weight grads for this tile, to be summed over tiles)."""
+    ``(gx, gblocks, gu, gv)`` (weight grads for this tile, to be summed over tiles); ``gx`` is
+    written into ``dest`` when given (only with workspaces)."""
     m = gy.shape[0]
     n = blocks.shape[0]
     ws = _use_ws(gy, blocks)
@@ -300,8 +307,8 @@ def _bwd_one(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w, c
             xg = saved
             if xg is None:
                 t = None if u is None else x @ v.t()
-                dest = _workspace("in", (m, n, w.shape[2]), x) if ws else None
-                xg = _call(comp, "gather", _gather_cells, x, t, gidx, n, dest)
+                scratch = _workspace("in", (m, n, w.shape[2]), x) if ws else None
+                xg = _call(comp, "gather", _gather_cells, x, t, gidx, n, scratch)
             gwe = torch.bmm(gyc.transpose(1, 2), xg.transpose(0, 1))  # [n, c_out, K (+ r)]
             gw = gwe[..., :kk]
             if u is not None:
@@ -309,7 +316,7 @@ def _bwd_one(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w, c
         if need_x or (need_w and u is not None):
             gxe = _bmm(ws, gyc, w)  # [n, M, K (+ r)]
             if need_x:
-                gx, gt = _call(comp, "sum_cells", _sum_cells, gxe, idx2, f1, kk, None)
+                gx, gt = _call(comp, "sum_cells", _sum_cells, gxe, idx2, f1, kk, None, dest)
             else:
                 gt = gxe[..., kk:].sum(0)
             if u is not None:  # gt [M, r] = gy U
@@ -327,10 +334,10 @@ def _bwd_one(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, need_x, need_w, c
         if need_w:
             t = saved if saved is not None else x @ v.t()
             gu = gy.t() @ t
-    dest = _workspace("in", (m, n, w.shape[1]), gy) if ws else None
-    gpc = _call(comp, "gather", _gather_cells, gy, gt, gidx, n, dest).transpose(0, 1)
+    scratch = _workspace("in", (m, n, w.shape[1]), gy) if ws else None
+    gpc = _call(comp, "gather", _gather_cells, gy, gt, gidx, n, scratch).transpose(0, 1)
     if need_x:
-        gx = _untranspose(_bmm(ws, gpc, w))  # [n, M, c_in] -> [M, in]
+        gx = _untranspose(_bmm(ws, gpc, w), None, dest)  # [n, M, c_in] -> [M, in]
     if need_w:
         xc = x.view(m, n, c_in).transpose(0, 1)
         gwe = torch.bmm(gpc.transpose(1, 2), xc)  # [n, ff (+ r), c_in]
@@ -348,6 +355,14 @@ def _fwd_body(x, blocks, u, v, bias, gidx, idx2, mode, f1, tile, need_saved, com
     size = _tile_size(m, tile)
     if size >= m:
         return _fwd_one(x, blocks, u, v, bias, gidx, idx2, mode, f1, need_saved, comp)
+    if _use_ws(x, blocks):  # tiles write their rows of the result in place
+        n = blocks.shape[0]
+        out_f = n * (blocks.shape[1] if mode == "gather" else blocks.shape[1] // f1)
+        y = torch.empty((m, out_f), dtype=x.dtype, device=x.device)
+        for s in range(0, m, size):
+            sl = slice(s, s + size)
+            _fwd_one(x[sl], blocks, u, v, bias, gidx, idx2, mode, f1, False, comp, y[sl])
+        return y, None
     ys = [
         _fwd_one(x[s : s + size], blocks, u, v, bias, gidx, idx2, mode, f1, False, comp)[0]
         for s in range(0, m, size)
@@ -371,12 +386,20 @@ def _bwd_body(gy, x, saved, blocks, u, v, gidx, idx2, mode, f1, tile, nx, nw, nb
     else:
         gxs = []
         gw = gu = gv = None
+        gx = None
+        if nx and _use_ws(gy, blocks):  # tiles write their rows of gx in place
+            n, c_in = blocks.shape[0], blocks.shape[2]
+            in_f = n * (c_in // f1 if mode == "gather" else c_in)
+            gx = torch.empty((m, in_f), dtype=gy.dtype, device=gy.device)
         for s in range(0, m, size):
             sl = slice(s, s + size)
-            r = _bwd_one(gy[sl], x[sl], None, blocks, u, v, gidx, idx2, mode, f1, nx, nw, comp)
+            dest = None if gx is None else gx[sl]
+            xs = None if x is None else x[sl]
+            r = _bwd_one(gy[sl], xs, None, blocks, u, v, gidx, idx2, mode, f1, nx, nw, comp, dest)
             gxs.append(r[0])
             gw, gu, gv = _add(gw, r[1]), _add(gu, r[2]), _add(gv, r[3])
-        gx = torch.cat(gxs) if nx else None
+        if nx and gx is None:
+            gx = torch.cat(gxs)
     gb = gy.sum(0) if nb else None
     return gx, gw, gu, gv, gb
 

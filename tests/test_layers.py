@@ -194,6 +194,23 @@ def test_frozen_parts_and_input_without_grad(path):
 
 
 @pytest.mark.parametrize(("fin", "fout"), [(64, 128), (128, 64)])
+def test_input_gradient_only(fin, fout, path):
+    """Every parameter frozen: only the input's gradient (nothing saved for the weights)."""
+    torch.manual_seed(0)
+    _, p, tile = path
+    layer = PixelflyLinear(fin, fout, PatternSpec(4, 2, 8, 4))
+    layer.path, layer.tile_rows = p, tile
+    layer.requires_grad_(False)
+    ref, *_ = _reference(layer)
+    x1 = torch.randn(50, fin, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_(True)
+    gy = torch.randn(50, fout)
+    layer(x1).backward(gy)
+    ref(x2).backward(gy)
+    assert _rel(x1.grad, x2.grad) < 1e-4
+
+
+@pytest.mark.parametrize(("fin", "fout"), [(64, 128), (128, 64)])
 def test_bfloat16(fin, fout):
     torch.manual_seed(0)
     layer = PixelflyLinear(fin, fout, PatternSpec(4, 2, 8, 4))
@@ -451,13 +468,14 @@ def test_auto_dispatch_never_compiles_under_pytest():
 
 @pytest.mark.slow
 def test_compiled_path(monkeypatch):
-    """The one test that compiles (seconds per graph): gather mode untiled (grad and no-grad
-    bodies) and scatter mode tiled, against the masked-dense reference."""
+    """The one test that compiles (seconds per graph): both modes, untiled and tiled (tiles
+    written in place into the result), with grad, no-grad and inference mode, against the
+    masked-dense reference."""
     if not L.COMPILE:
         pytest.skip("compilation disabled (PXCOMPILE_NO_COMPILE)")
     monkeypatch.setattr(L, "_COMPILE_FAILED", False)
     torch.manual_seed(0)
-    for fin, fout, tile in ((64, 128, 0), (128, 64, 16)):
+    for fin, fout, tile in ((64, 128, 0), (128, 64, 16), (64, 128, 16), (128, 64, 0)):
         layer = PixelflyLinear(fin, fout, PatternSpec(4, 2, 8, 4))
         layer.path, layer.tile_rows = "compiled", tile
         with warnings.catch_warnings():
