@@ -74,6 +74,7 @@ __all__ = [
     "masked_dense_reference",
     "COMPILE",
     "COMPILE_MIN_ROWS",
+    "WORKSPACE_MIN_ROWS",
     "TILE_ROWS",
     "compile_available",
     "clear_workspaces",
@@ -88,6 +89,10 @@ TILE_ROWS: int = 1024
 
 #: Below this many rows the auto dispatch stays eager (compiled-call overhead dominates).
 COMPILE_MIN_ROWS: int = 16
+
+#: From this many rows on, scratch buffers come from reused per-thread workspaces (below, the
+#: buffers are small, fresh ones cost nothing to fault in, and the bookkeeping costs more).
+WORKSPACE_MIN_ROWS: int = 512
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,10 +177,13 @@ def clear_workspaces() -> None:
 
 
 def _use_ws(x: Tensor, blocks: Tensor) -> bool:
-    """Workspaces (``out=`` matmuls) only where the matmul's dtype is the operands' own: under
-    autocast the plain ops pick the dtype."""
+    """Workspaces (``out=`` matmuls) from ``WORKSPACE_MIN_ROWS`` rows on, and only where the
+    matmul's dtype is the operands' own (under autocast the plain ops pick the dtype)."""
     return (
-        x.dtype == blocks.dtype and not torch.is_autocast_enabled(x.device.type) and not _tracing()
+        x.shape[0] >= WORKSPACE_MIN_ROWS
+        and x.dtype == blocks.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+        and not _tracing()
     )
 
 
@@ -205,7 +213,7 @@ def _untranspose(o: Tensor, bias: Tensor | None = None, out: Tensor | None = Non
     (contiguous rows, e.g. a row tile of the whole result) or a fresh tensor, never a view of
     ``o``."""
     n, m, c = o.shape
-    if _tracing():
+    if out is None and (_tracing() or o.shape[1] < WORKSPACE_MIN_ROWS):  # o is fresh: functional
         y = o.transpose(0, 1) if bias is None else o.transpose(0, 1) + bias.to(o.dtype).view(n, c)
         return y.reshape(m, n * c)
     y = torch.empty((m, n * c), dtype=o.dtype, device=o.device) if out is None else out

@@ -31,10 +31,13 @@ CASES = [
 ]
 CASE_IDS = [f"{i}x{o}-n{s.butterfly}f{s.factors}pb{s.pattern_block}r{s.rank}" for i, o, s in CASES]
 
-# Every path the dispatch can take, forced (name, path, tile_rows).
+# Every path the dispatch can take, forced (name, path, tile_rows, WORKSPACE_MIN_ROWS): the
+# test sizes are small, so workspaces are forced on (0) or off (huge) explicitly.
 PATHS = [
-    ("eager", "eager", 0),
-    ("eager-tiled", "eager", 16),
+    ("eager", "eager", 0, 0),
+    ("eager-tiled", "eager", 16, 0),
+    ("eager-fresh", "eager", 0, 10**9),
+    ("eager-tiled-fresh", "eager", 16, 10**9),
 ]
 
 
@@ -86,8 +89,10 @@ def _grad_of_blocks_as_dense(layer: PixelflyLinear) -> torch.Tensor:
 
 
 @pytest.fixture(params=PATHS, ids=[p[0] for p in PATHS])
-def path(request):
-    return request.param
+def path(request, monkeypatch):
+    name, p, tile, ws_rows = request.param
+    monkeypatch.setattr(L, "WORKSPACE_MIN_ROWS", ws_rows)
+    return name, p, tile
 
 
 @pytest.mark.parametrize(("fin", "fout", "spec"), CASES, ids=CASE_IDS)
@@ -399,10 +404,11 @@ def test_results_never_alias_workspaces(fin, fout, rank, bias, path):
 def test_workspaces_are_per_thread():
     import threading
 
+    assert L.WORKSPACE_MIN_ROWS <= 600
     torch.manual_seed(0)
     layer = PixelflyLinear(128, 64, PatternSpec(4, 2, 8, 4))
     layer.tile_rows = 0
-    xs = [torch.randn(300, 128) for _ in range(4)]
+    xs = [torch.randn(600, 128) for _ in range(4)]
     with torch.no_grad():
         want = [layer(x) for x in xs]
     got: dict[int, list] = {}
@@ -420,7 +426,8 @@ def test_workspaces_are_per_thread():
         assert all(torch.equal(y, want[i]) for y in got[i])
 
 
-def test_clear_workspaces():
+def test_clear_workspaces(monkeypatch):
+    monkeypatch.setattr(L, "WORKSPACE_MIN_ROWS", 0)
     layer = PixelflyLinear(64, 128, PatternSpec(4, 2, 8, 4))
     with torch.no_grad():
         y1 = layer(torch.ones(8, 64))
@@ -454,6 +461,7 @@ def test_autocast_bf16_layer(fin, fout, path):
 def test_module_defaults_exist():
     assert isinstance(L.TILE_ROWS, int)
     assert isinstance(L.COMPILE, bool)
+    assert isinstance(L.WORKSPACE_MIN_ROWS, int)
 
 
 def test_auto_dispatch_never_compiles_under_pytest():
@@ -475,7 +483,15 @@ def test_compiled_path(monkeypatch):
         pytest.skip("compilation disabled (PXCOMPILE_NO_COMPILE)")
     monkeypatch.setattr(L, "_COMPILE_FAILED", False)
     torch.manual_seed(0)
-    for fin, fout, tile in ((64, 128, 0), (128, 64, 16), (64, 128, 16), (128, 64, 0)):
+    cases = (
+        (64, 128, 0, 0),
+        (128, 64, 16, 0),
+        (64, 128, 16, 0),
+        (128, 64, 0, 0),
+        (128, 64, 0, 10**9),
+    )
+    for fin, fout, tile, ws_rows in cases:
+        monkeypatch.setattr(L, "WORKSPACE_MIN_ROWS", ws_rows)
         layer = PixelflyLinear(fin, fout, PatternSpec(4, 2, 8, 4))
         layer.path, layer.tile_rows = "compiled", tile
         with warnings.catch_warnings():
