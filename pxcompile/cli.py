@@ -94,9 +94,10 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--cost-model",
-        choices=["flops+blocks", "calibrated-cpu"],
-        default="flops+blocks",
-        help="how the mapping pass prices patterns (default flops+blocks), e.g. --cost-model calibrated-cpu",
+        choices=["calibrated-cpu", "flops+blocks"],
+        default="calibrated-cpu",
+        help="how the mapping pass prices patterns: calibrated-cpu (default; fitted to this "
+        "project's CPU measurements) or flops+blocks",
     )
     g.add_argument(
         "--strict", action="store_true", help="fail (exit 3) when the budget is not attainable"
@@ -183,7 +184,7 @@ def _guard(fn) -> int:
 def _cost_model(args: argparse.Namespace):
     from .passes.mapping import COST_MODELS
 
-    return COST_MODELS[getattr(args, "cost_model", None) or "flops+blocks"]
+    return COST_MODELS[getattr(args, "cost_model", None) or "calibrated-cpu"]
 
 
 def _policy(args: argparse.Namespace):

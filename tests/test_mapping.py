@@ -213,6 +213,28 @@ def test_calibrated_cost_and_predicted_speedup():
     assert set(COST_MODELS) == {"flops+blocks", "calibrated-cpu"}
 
 
+def test_calibrated_cost_reproduces_the_layer_benchmark():
+    """The fit's inputs (benchmarks/RESULTS.md, "Layer", px fwd): predictions within 25%."""
+    from pxcompile.passes.mapping import DEFAULT_COST_MODEL, predicted_speedup
+    from pxcompile.patterns import PatternSpec
+
+    measured = [
+        (768, 3072, 1568, PatternSpec(24, 3, 32), 3.61),
+        (3072, 768, 1568, PatternSpec(24, 3, 32), 3.05),
+        (768, 3072, 1568, PatternSpec(24, 3, 32, 32), 2.19),
+        (3072, 768, 1568, PatternSpec(24, 3, 32, 32), 2.18),
+        (768, 3072, 1568, PatternSpec(12, 2, 64), 2.64),
+        (3072, 768, 1568, PatternSpec(12, 2, 64), 2.83),
+        (768, 3072, 1568, PatternSpec(24, 2, 32), 3.72),
+        (1024, 4096, 4096, PatternSpec(32, 4, 32), 2.80),
+        (4096, 1024, 4096, PatternSpec(32, 4, 32), 2.95),
+    ]
+    assert DEFAULT_COST_MODEL.name == "calibrated-cpu"
+    for i, o, rows, spec, x in measured:
+        pred = predicted_speedup(Gemm("fc", LayerType.MLP, i, o, rows=rows), spec)
+        assert 0.75 < pred / x < 1.25, (i, o, spec, pred, x)
+
+
 def test_attention_menu():
     from pxcompile.passes.mapping import attention_menu
     from pxcompile.patterns import AttentionSpec

@@ -52,7 +52,7 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
 def test_to_dict_layout():
     d = plan_dict()
     assert d["version"] == PLAN_VERSION and d["model"] == "toy" and d["block"] == 32
-    assert d["budget"] == 0.3 and d["cost_model"] == "flops+blocks"
+    assert d["budget"] == 0.3 and d["cost_model"] == "calibrated-cpu"
     assert set(d["summary"]) >= {"eligible_fraction", "model_fraction", "params", "attainable"}
     layers = {lp["name"]: lp for lp in d["layers"]}
     assert list(layers) == [g.name for g in schema()]

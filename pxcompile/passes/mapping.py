@@ -56,19 +56,23 @@ class FlopsBlockCost:
 
 @dataclass(frozen=True)
 class CalibratedCost:
-    """FLOPs plus the data movement and per-block costs that PixelflyLinear pays on a CPU,
-    in dense-FLOP equivalents per row:
+    """FLOPs plus the data movement, per-block and low-rank costs that PixelflyLinear pays on a
+    CPU, in dense-FLOP equivalents per row:
 
-        2 (nnz + r (in + out))  +  move * narrow * (f + 1)  +  per_block * kept_blocks
+        2 (nnz + lowrank r (in + out))  +  move * narrow * (f + 1)  +  per_block * kept_blocks
 
     ``narrow * (f + 1)`` is what the layer gathers (or scatter-sums) per row along the
-    weight's narrow side. The constants were fitted to ``benchmarks/bench_layer.py`` at
-    768 <-> 3072, 1568 rows, 2 threads, fp32 (densities 0.125-0.25, blocks 32 and 64) on the
-    project's 2-core CPU; they predict 2-2.8x there where FLOPs alone predict 4-8x.
+    weight's narrow side; ``lowrank`` says the low-rank term costs that many times its FLOPs
+    (its extra ops: ``x V^T``, appending ``U``, column sums). Fitted (least squares on log
+    ratios, 8.5% RMS error) to the forward column of ``benchmarks/bench_layer.py`` in
+    benchmarks/RESULTS.md: 768 <-> 3072 at 1568 rows and 1024 <-> 4096 at 4096 rows, 2 threads,
+    fp32, densities 0.125-0.25, blocks 32 and 64, rank 0 and 32, on the project's 2-core CPU
+    near idle. It predicts 2.2-3.7x there where FLOPs alone predict 4-8x.
     """
 
-    move: float = 400.0
-    per_block: float = 400.0
+    move: float = 200.0
+    per_block: float = 500.0
+    lowrank: float = 2.25
     name: str = "calibrated-cpu"
 
     def dense_cost(self, gemm: Gemm) -> float:
@@ -80,21 +84,21 @@ class CalibratedCost:
         kept = spec.kept_blocks(o, i)
         narrow = min(o, i)
         per_row = (
-            2.0 * (kept * pb * pb + spec.rank * (i + o))
+            2.0 * (kept * pb * pb + self.lowrank * spec.rank * (i + o))
             + self.move * narrow * (spec.factors + 1)
             + self.per_block * kept
         )
         return per_row * gemm.rows * gemm.calls
 
 
-# Pixelfly attention runs at about 1 / (2.7 x kept work) of dense SDPA's time on the project's
-# CPU (benchmarks/RESULTS.md, "Attention": 1.5x at 2048 tokens and kept 0.21, 3.5x at 4096 and
-# 0.11, 7x at 8192 and 0.054, non-causal): gathers and a non-fused softmax cost the rest.
-ATTENTION_OVERHEAD: float = 2.7
+# Pixelfly attention runs at about 1 / (2.2 x kept work) of dense SDPA's time on the project's
+# CPU (benchmarks/RESULTS.md, "Attention": 2.2x at 2048 tokens and kept 0.21, 4.0x at 4096 and
+# 0.11, 9x at 8192 and 0.054, non-causal): gathers and a non-fused softmax cost the rest.
+ATTENTION_OVERHEAD: float = 2.2
 
-# Planning uses FLOPs + blocks (the rule the plan format documents); the calibrated model
-# predicts the speedup shown in reports, and can plan too (``--cost-model calibrated-cpu``).
-DEFAULT_COST_MODEL: CostModel = FlopsBlockCost()
+# Planning and the reports' predicted speedups use the calibrated CPU model (fitted to this
+# project's measurements); ``--cost-model flops+blocks`` plans by FLOPs and blocks alone.
+DEFAULT_COST_MODEL: CostModel = CalibratedCost()
 COST_MODELS: dict[str, CostModel] = {m.name: m for m in (FlopsBlockCost(), CalibratedCost())}
 
 
