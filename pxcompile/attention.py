@@ -897,7 +897,7 @@ def _hf_attention(att: Any, selective: bool = False):
     def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                 is_causal=None, **kwargs):  # fmt: skip
         run = att if not selective or getattr(module, SPARSE_FLAG, False) else _sdpa
-        if run is att and isinstance(att, PixelflyAttention) and torch.compiler.is_exporting():
+        if run is att and isinstance(att, PixelflyAttention) and _exporting():
             from pxcompile.ops import PixelflyAttentionOp  # one op node in the exported graph
 
             run = PixelflyAttentionOp(att)
@@ -923,6 +923,12 @@ def _is_sdpa(node: Any) -> bool:
         node.target is F.scaled_dot_product_attention
         or getattr(node.target, "__name__", "") == "scaled_dot_product_attention"
     )
+
+
+def _exporting() -> bool:
+    """Inside torch.export (``torch.compiler.is_exporting`` is missing from older torch)."""
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check and check())
 
 
 def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None):
