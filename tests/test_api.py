@@ -233,3 +233,32 @@ def test_plan_with_a_policy_dict_as_in_the_readme():
         model, 0.3, example_inputs=(x,), policy={"rules": [{"match": "0", "dense": True}]}
     )
     assert not dense["0"].sparse and dense["2"].sparse
+
+
+@pytest.mark.parametrize("policy", [None, {"types": {"attn_proj": {"eligible": False}}}])
+def test_torch_encoder_fast_path_is_off_where_layers_were_rewritten(policy):
+    # eval + batch_first + nested tensors: torch's fast path would read linear1.weight
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2).eval()
+    x = torch.randn(2, 64, 256)
+    traced = api.trace(model, (x,))
+    gm = api.sparsify(model, 0.3, example_inputs=(x,), policy=policy)
+    assert any(n.endswith("linear1") for n in gm.pxcompile_layers)
+    assert api.verify(model, gm, traced, (x,)) < 1e-4
+    assert model.layers[0].activation_relu_or_gelu  # the user's model keeps its fast path
+
+
+def test_layers_whose_owner_reads_their_weight_stay_dense():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(256, 256)
+
+        def forward(self, x):
+            return self.fc(x.to(self.fc.weight.dtype))
+
+    model = nn.Sequential(Block(), nn.Linear(256, 256))
+    plan = api.plan(model, 0.3, 32, example_inputs=(torch.randn(4, 256),))
+    assert not plan["0.fc"].sparse and "Block.forward reads fc.weight" in plan["0.fc"].reason
+    assert plan["1"].sparse

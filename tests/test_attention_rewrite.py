@@ -230,3 +230,22 @@ def test_hf_plan_with_some_attention_dense_is_selective():
     assert not getattr(att[1], "pxcompile_sparse_attention", False)
     with torch.no_grad():
         assert _rel(gm(input_ids=ids)[0], ref(input_ids=ids)[0]) < 1e-4
+
+
+@pytest.mark.slow
+def test_t5_attention_with_position_bias_stays_dense_and_runs():
+    cfg = transformers.T5Config(d_model=128, d_ff=256, num_layers=1, num_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    model = transformers.T5Model(cfg).eval()
+    ids = torch.randint(0, 128, (1, SEQ))
+    inputs = {"input_ids": ids, "decoder_input_ids": ids[:, :16], "use_cache": False}
+    traced = api.trace(model, inputs)
+    plan = api.plan(traced, 0.3, 32)
+    att = [lp for lp in plan.layers if not lp.gemm.has_weight]
+    assert att and not any(lp.sparse for lp in att)
+    assert "relative position bias" in plan["encoder.block.0.layer.0.SelfAttention.scores"].reason
+    # T5's feed-forward reads self.wo.weight.dtype: that layer stays dense too, and says why
+    wo = plan["encoder.block.0.layer.1.DenseReluDense.wo"]
+    assert not wo.sparse and "reads wo.weight" in wo.reason
+    gm = api.apply(model, plan, inputs, traced=traced)
+    assert api.verify(model, gm, traced, inputs) < 1e-4

@@ -57,12 +57,14 @@ def rewritable(binding: GemmBinding, model: nn.Module | None, method: str) -> st
         return "weight used in a matmul other than F.linear on the parameter itself"
     if binding.kind not in ("linear", "conv1d", "mha_in_proj", "functional"):
         return f"no rewrite for GEMMs of kind {binding.kind!r}"
-    return None
+    return binding.unsupported
 
 
 def attention_reachable(site: AttentionSite, model: nn.Module | None, method: str) -> str | None:
     """Why the attention core behind an attention GEMM can't be made Pixelfly attention
     (None if it can)."""
+    if site.unsupported:
+        return site.unsupported
     if site.via == "hf" or is_hf_model(model):
         return None
     if site.via == "sdpa":
@@ -166,10 +168,8 @@ def rewrite(
         wrapper = ProjectedMultiheadAttention(mha, in_proj, out_proj)
         wrapper.train(mha.training)
         _set_submodule(target, mname, wrapper)
-    if mhas:
-        for m in target.modules():
-            if isinstance(m, nn.TransformerEncoder):
-                m.use_nested_tensor = False  # its fast path reads dense weights
+    if made:
+        _no_fast_paths(target)
 
     if traced.method == "fx" and traced.graph_module is not None:
         gm = _rebuild_fx(target, traced.graph_module.graph, functional)
@@ -264,6 +264,20 @@ def install_attention(
         nodes=calls.nodes if method == "fx" else [],
         modules=modules,
     )
+
+
+def _no_fast_paths(target: nn.Module) -> None:
+    """Turn off the inference fast paths of torch's Transformer layers that hold rewritten
+    layers: they read ``linear1.weight`` and friends directly, which a PixelflyLinear (or the
+    MultiheadAttention wrapper) doesn't have. ``activation_relu_or_gelu`` is read only by
+    those fast-path checks, so 0 turns them off and changes nothing else."""
+    for m in target.modules():
+        if isinstance(m, nn.TransformerEncoder):
+            m.use_nested_tensor = False
+        if isinstance(m, nn.TransformerEncoderLayer | nn.TransformerDecoderLayer) and any(
+            isinstance(s, PixelflyLinear | ProjectedMultiheadAttention) for s in m.modules()
+        ):
+            m.activation_relu_or_gelu = 0
 
 
 def _packed_linear(mha: nn.MultiheadAttention) -> nn.Linear:

@@ -94,11 +94,13 @@ Layer types (first rule that matches, on the lower-cased dotted path of the GEMM
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import io
 import logging
 import math
 import operator
+import re
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -128,6 +130,7 @@ class GemmBinding:
     kind: str  # see below
     weight: str  # qualified parameter name
     bias: str | None = None
+    unsupported: str | None = None  # why the rewrite must leave it dense, if it must
 
 
 # GemmBinding.kind:
@@ -155,6 +158,7 @@ class AttentionSite:
 
     via: str
     nodes: tuple[str, ...] = ()
+    unsupported: str | None = None  # why Pixelfly attention can't stand in for it, if so
 
 
 @dataclass
@@ -177,6 +181,49 @@ def is_hf_model(model: nn.Module | None) -> bool:
     return any(
         any(c.__name__ == "PreTrainedModel" for c in type(m).__mro__) for m in model.modules()
     )
+
+
+def _weight_read_by_owner(model: nn.Module, b: GemmBinding) -> str | None:
+    """A Linear whose owner's forward reads ``self.<leaf>.weight`` itself (Hugging Face T5 checks
+    ``self.wo.weight.dtype``) can't become a PixelflyLinear, which has no dense weight."""
+    if b.kind not in ("linear", "conv1d") or not b.module:
+        return None
+    parent, _, leaf = b.module.rpartition(".")
+    try:
+        owner = model.get_submodule(parent)
+    except AttributeError:
+        return None
+    if type(owner).__module__.startswith("torch.") and not isinstance(owner, nn.Sequential):
+        return None  # torch's own layers: the rewrite handles their fast paths (rewrite.py)
+    if _reads_weight(type(owner), leaf):
+        return f"{type(owner).__name__}.forward reads {leaf}.weight itself"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _reads_weight(cls: type, leaf: str) -> bool:
+    try:
+        src = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return re.search(rf"\.{re.escape(leaf)}\.weight\b", src) is not None
+
+
+def hf_attention_unsupported(model: nn.Module) -> str | None:
+    """Why a Hugging Face model's attention can't run as Pixelfly attention: attention that
+    adds a learned position bias to the scores (T5-style) or soft-caps the logits (Gemma-2)
+    is more than softmax(Q K^T) V under a mask."""
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is None:
+            continue
+        if getattr(cfg, "relative_attention_num_buckets", None):
+            return "attention adds a relative position bias to the scores (T5-style)"
+        if getattr(cfg, "attn_logit_softcapping", None):
+            return "attention soft-caps its logits"
+        if getattr(cfg, "alibi", None) or getattr(cfg, "position_embedding_type", "") == "alibi":
+            return "attention adds ALiBi position biases to the scores"
+    return None
 
 
 def _is_hf_conv1d(m: nn.Module) -> bool:
@@ -1557,8 +1604,11 @@ def trace(
         schema, bindings, attention = _build_schema(
             sites, params, name, how, f"traced with {how} on inputs ({desc_inputs})"
         )
+        for b in bindings.values():
+            b.unsupported = _weight_read_by_owner(model, b)
         if is_hf_model(model):
-            attention = {k: AttentionSite("hf", v.nodes) for k, v in attention.items()}
+            why = hf_attention_unsupported(model)
+            attention = {k: AttentionSite("hf", v.nodes, why) for k, v in attention.items()}
         say(f"traced {name} with {how}: {len(schema)} GEMMs")
         return TraceResult(schema, bindings, how, gm, notes, attention)
 
