@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -37,28 +35,15 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pxcompile.attention import AttentionSpec, pixelfly_attention  # noqa: E402
+from pxcompile.bench import paired as _paired  # noqa: E402
 
 HEADS, DIM = 12, 64
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def paired(base, cand, reps: int, warm: bool = True) -> tuple[float, float, float]:
-    """(median base/cand ratio, median base s, median cand s) over back-to-back pairs."""
-    if warm:
-        cand()  # warm-up (layouts, scratch buffers, worker threads); SDPA has nothing to warm
-    rs, bs, cs = [], [], []
-    for _ in range(reps):
-        b = _timed(base)
-        c = _timed(cand)
-        rs.append(b / c)
-        bs.append(b)
-        cs.append(c)
-    return statistics.median(rs), statistics.median(bs), statistics.median(cs)
+    """(median base/cand ratio, median base s, median cand s) over back-to-back pairs; the
+    warm-up runs each side once (layouts, scratch buffers, worker threads)."""
+    return _paired(base, cand, reps, 1 if warm else 0)
 
 
 def run_case(L: int, spec: AttentionSpec, causal: bool, reps: int) -> dict:

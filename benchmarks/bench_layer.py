@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pxcompile import layers as L  # noqa: E402
+from pxcompile.bench import paired  # noqa: E402
 from pxcompile.layers import PixelflyLinear  # noqa: E402
 from pxcompile.patterns import PatternSpec  # noqa: E402
 
@@ -58,21 +58,8 @@ QUICK = {
 
 def paired_ratio(base, cand, reps: int, warm: int = 2) -> tuple[float, float]:
     """Median of ``time(base) / time(cand)`` over back-to-back pairs, and median base ms."""
-    for _ in range(warm):
-        base()
-        cand()
-    ratios, tb = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        base()
-        t1 = time.perf_counter()
-        cand()
-        t2 = time.perf_counter()
-        ratios.append((t1 - t0) / max(t2 - t1, 1e-9))
-        tb.append(t1 - t0)
-    ratios.sort()
-    tb.sort()
-    return ratios[len(ratios) // 2], tb[len(tb) // 2] * 1e3
+    ratio, tb, _ = paired(base, cand, reps, warm)
+    return ratio, tb * 1e3
 
 
 def reps_for(rows: int, quick: bool) -> int:

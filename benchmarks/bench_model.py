@@ -14,10 +14,8 @@ import argparse
 import json
 import os
 import runpy
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -83,37 +81,16 @@ print((kb("VmHWM:") - base) / 1024)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def paired_ratio(dense, compiled, repeats: int, warmup: int = 1) -> tuple[float, float, float]:
-    """Median over back-to-back pairs of ``time(dense) / time(compiled)``, and the median
-    seconds of each side (context only)."""
-    for _ in range(warmup):
-        dense()
-        compiled()
-    ratios, td, tc = [], [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dense()
-        t1 = time.perf_counter()
-        compiled()
-        t2 = time.perf_counter()
-        ratios.append((t1 - t0) / (t2 - t1))
-        td.append(t1 - t0)
-        tc.append(t2 - t1)
-    return statistics.median(ratios), statistics.median(td), statistics.median(tc)
-
-
 def compare(dense, compiled, inputs, repeats: int) -> dict:
     """Forward (inference mode, eval) and one training step (train mode), paired ratios."""
-    from pxcompile.bench import forward_fn, train_step_fn
+    from pxcompile.bench import forward_fn, paired, train_step_fn
 
     dense.eval()
     compiled.eval()
-    fwd, fd, fc = paired_ratio(forward_fn(dense, inputs), forward_fn(compiled, inputs), repeats)
+    fwd, fd, fc = paired(forward_fn(dense, inputs), forward_fn(compiled, inputs), repeats)
     dense.train()
     compiled.train()
-    trn, td, tc = paired_ratio(
-        train_step_fn(dense, inputs), train_step_fn(compiled, inputs), repeats
-    )
+    trn, td, tc = paired(train_step_fn(dense, inputs), train_step_fn(compiled, inputs), repeats)
     nd = sum(p.numel() for p in dense.parameters())
     nc = sum(p.numel() for p in compiled.parameters())
     return {

@@ -49,23 +49,27 @@ def train_step_fn(model: nn.Module, inputs: Inputs, lr: float = 1e-4) -> Callabl
     return run
 
 
-def time_pair(
+def paired(
     a: Callable[[], None], b: Callable[[], None], repeats: int = 5, warmup: int = 1
-) -> tuple[float, float]:
-    """Median seconds of ``a`` and ``b``, run alternately after ``warmup`` runs each."""
+) -> tuple[float, float, float]:
+    """Run ``a`` and ``b`` back to back ``repeats`` times (after ``warmup`` runs each) and
+    return the median of the per-pair ratios ``time(a) / time(b)`` with the median seconds of
+    each side. Pairs taken close together see the same machine load, so their ratio is steadier
+    than a ratio of two medians on a shared machine."""
     for _ in range(warmup):
         a()
         b()
-    ta, tb = [], []
+    ratios, ta, tb = [], [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         a()
         t1 = time.perf_counter()
         b()
         t2 = time.perf_counter()
+        ratios.append((t1 - t0) / max(t2 - t1, 1e-9))
         ta.append(t1 - t0)
         tb.append(t2 - t1)
-    return statistics.median(ta), statistics.median(tb)
+    return statistics.median(ratios), statistics.median(ta), statistics.median(tb)
 
 
 @dataclass
@@ -79,10 +83,10 @@ def compare(dense: nn.Module, compiled: nn.Module, inputs: Inputs, repeats: int 
     """Forward (inference mode, eval) and one training step, compiled vs dense."""
     dense.eval()
     compiled.eval()
-    fd, fc = time_pair(forward_fn(dense, inputs), forward_fn(compiled, inputs), repeats)
+    fwd, _, _ = paired(forward_fn(dense, inputs), forward_fn(compiled, inputs), repeats)
     dense.train()
     compiled.train()
-    td, tc = time_pair(train_step_fn(dense, inputs), train_step_fn(compiled, inputs), repeats)
+    trn, _, _ = paired(train_step_fn(dense, inputs), train_step_fn(compiled, inputs), repeats)
     nd = sum(p.numel() for p in dense.parameters())
     nc = sum(p.numel() for p in compiled.parameters())
-    return Comparison(fd / fc, td / tc, nc / nd)
+    return Comparison(fwd, trn, nc / nd)

@@ -7,7 +7,7 @@ import json
 import torch
 from torch import nn
 
-from pxcompile.bench import compare, time_pair
+from pxcompile.bench import compare, paired
 from pxcompile.cli import main
 
 MLP = """
@@ -18,11 +18,11 @@ example_inputs = (torch.randn(16, 256),)
 """
 
 
-def test_time_pair_alternates():
+def test_paired_alternates():
     calls = []
-    ta, tb = time_pair(lambda: calls.append("a"), lambda: calls.append("b"), repeats=3, warmup=1)
+    r, ta, tb = paired(lambda: calls.append("a"), lambda: calls.append("b"), repeats=3, warmup=1)
     assert calls == ["a", "b"] * 4
-    assert ta >= 0 and tb >= 0
+    assert ta >= 0 and tb >= 0 and r > 0
 
 
 def test_compare_reports_ratios():
