@@ -83,23 +83,11 @@ print((kb("VmHWM:") - base) / 1024)
 
 def compare(dense, compiled, inputs, repeats: int) -> dict:
     """Forward (inference mode, eval) and one training step (train mode), paired ratios."""
-    from pxcompile.bench import forward_fn, paired, train_step_fn
+    from dataclasses import asdict
 
-    dense.eval()
-    compiled.eval()
-    fwd, fd, fc = paired(forward_fn(dense, inputs), forward_fn(compiled, inputs), repeats)
-    dense.train()
-    compiled.train()
-    trn, td, tc = paired(train_step_fn(dense, inputs), train_step_fn(compiled, inputs), repeats)
-    nd = sum(p.numel() for p in dense.parameters())
-    nc = sum(p.numel() for p in compiled.parameters())
-    return {
-        "forward_speedup": fwd,
-        "train_speedup": trn,
-        "params_ratio": nc / nd,
-        "forward_ms": (fd * 1e3, fc * 1e3),
-        "train_ms": (td * 1e3, tc * 1e3),
-    }
+    from pxcompile.bench import compare as bench_compare
+
+    return asdict(bench_compare(dense, compiled, inputs, repeats))
 
 
 def main() -> None:

@@ -74,19 +74,21 @@ def paired(
 
 @dataclass
 class Comparison:
-    forward_speedup: float  # dense time / compiled time
+    forward_speedup: float  # dense time / compiled time (median of back-to-back pairs)
     train_speedup: float
     params_ratio: float  # compiled / dense
+    forward_ms: tuple[float, float] = (0.0, 0.0)  # median dense, compiled (context only)
+    train_ms: tuple[float, float] = (0.0, 0.0)
 
 
 def compare(dense: nn.Module, compiled: nn.Module, inputs: Inputs, repeats: int = 5) -> Comparison:
     """Forward (inference mode, eval) and one training step, compiled vs dense."""
     dense.eval()
     compiled.eval()
-    fwd, _, _ = paired(forward_fn(dense, inputs), forward_fn(compiled, inputs), repeats)
+    fwd, fd, fc = paired(forward_fn(dense, inputs), forward_fn(compiled, inputs), repeats)
     dense.train()
     compiled.train()
-    trn, _, _ = paired(train_step_fn(dense, inputs), train_step_fn(compiled, inputs), repeats)
+    trn, td, tc = paired(train_step_fn(dense, inputs), train_step_fn(compiled, inputs), repeats)
     nd = sum(p.numel() for p in dense.parameters())
     nc = sum(p.numel() for p in compiled.parameters())
-    return Comparison(fwd, trn, nc / nd)
+    return Comparison(fwd, trn, nc / nd, (fd * 1e3, fc * 1e3), (td * 1e3, tc * 1e3))
