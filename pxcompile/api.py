@@ -128,7 +128,7 @@ def _plan_traced(
         if why:
             forced[name] = why
     for name, site in traced.attention.items():
-        why = attention_reachable(site, model, traced.method)
+        why = attention_reachable(site, traced.method)
         if why:
             forced[name] = why
     return plan_schema(traced.schema, budget, block, policy, cost_model, strict, dense=forced)

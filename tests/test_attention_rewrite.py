@@ -249,3 +249,48 @@ def test_t5_attention_with_position_bias_stays_dense_and_runs():
     assert not wo.sparse and "reads wo.weight" in wo.reason
     gm = api.apply(model, plan, inputs, traced=traced)
     assert api.verify(model, gm, traced, inputs) < 1e-4
+
+
+def test_hf_attention_that_is_more_than_a_masked_softmax_is_recognized():
+    from types import SimpleNamespace
+
+    from pxcompile.passes.trace import hf_attention_unsupported
+
+    def with_config(**cfg):
+        m = nn.Module()
+        m.config = SimpleNamespace(**cfg)
+        return nn.Sequential(m)
+
+    assert hf_attention_unsupported(with_config()) is None
+    assert "relative position" in hf_attention_unsupported(
+        with_config(relative_attention_num_buckets=32)
+    )
+    assert "soft-caps" in hf_attention_unsupported(with_config(attn_logit_softcapping=50.0))
+    assert "ALiBi" in hf_attention_unsupported(with_config(alibi=True))
+    assert "ALiBi" in hf_attention_unsupported(with_config(position_embedding_type="alibi"))
+
+
+def test_plan_with_a_bad_attention_min_seq_is_a_one_line_error():
+    from dataclasses import replace
+
+    from pxcompile.errors import PlanError
+
+    model = nn.Sequential(CausalSDPA())
+    y = torch.randn(1, SEQ, 64)
+    traced = api.trace(model, (y,))
+    plan = api.plan(traced, 0.3, 32)
+    bad = replace(plan, policy={**plan.policy, "attention_min_seq": "long"})
+    with pytest.raises(PlanError, match="attention_min_seq must be a positive integer"):
+        api.apply(model, bad, (y,), traced=traced)
+
+
+def test_attention_reachable_reasons():
+    from pxcompile.passes.rewrite import attention_reachable
+    from pxcompile.passes.trace import AttentionSite
+
+    assert attention_reachable(AttentionSite("hf"), "export") is None
+    assert attention_reachable(AttentionSite("sdpa", ("sdpa_1",)), "fx") is None
+    assert "fx cannot trace" in attention_reachable(AttentionSite("sdpa", ("sdpa_1",)), "export")
+    assert "MultiheadAttention" in attention_reachable(AttentionSite("mha"), "fx")
+    assert "matmul, softmax, matmul" in attention_reachable(AttentionSite("chain"), "fx")
+    assert attention_reachable(AttentionSite("hf", (), "soft-caps"), "export") == "soft-caps"

@@ -60,12 +60,12 @@ def rewritable(binding: GemmBinding, model: nn.Module | None, method: str) -> st
     return binding.unsupported
 
 
-def attention_reachable(site: AttentionSite, model: nn.Module | None, method: str) -> str | None:
+def attention_reachable(site: AttentionSite, method: str) -> str | None:
     """Why the attention core behind an attention GEMM can't be made Pixelfly attention
     (None if it can)."""
     if site.unsupported:
         return site.unsupported
-    if site.via == "hf" or is_hf_model(model):
+    if site.via == "hf":  # the trace marks every attention call of a Hugging Face model
         return None
     if site.via == "sdpa":
         if method == "fx" and site.nodes:
@@ -213,7 +213,7 @@ def attention_calls(plan: Plan, traced: TraceResult, target: nn.Module) -> Atten
         site = traced.attention.get(lp.name)
         if site is None:
             raise PlanError(f"plan: layer {lp.name!r} is not an attention call of the model")
-        why = attention_reachable(site, target, traced.method)
+        why = attention_reachable(site, traced.method)
         if why:
             raise PlanError(f"plan: layer {lp.name!r} can't be sparsified: {why}")
         base, _, kind = lp.name.rpartition(".")
@@ -245,7 +245,9 @@ def install_attention(
 
     min_seq = plan.policy.get("attention_min_seq", DEFAULT_ATTENTION_MIN_SEQ)
     if isinstance(min_seq, bool) or not isinstance(min_seq, int) or min_seq < 1:
-        min_seq = DEFAULT_ATTENTION_MIN_SEQ
+        raise PlanError(
+            f"plan: policy.attention_min_seq must be a positive integer, got {min_seq!r}"
+        )
     modules: list[nn.Module] | None = []
     for scope in calls.scopes:
         path = ".".join(p for p in (root, scope) if p)
