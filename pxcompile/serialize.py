@@ -22,13 +22,18 @@ of every tensor input dynamic (the example batch must be at least 2 for that; ot
 the model specialises on its batch, the graph is static and ``dynamic_batch`` is false). The
 exported graph is therefore the module's computation *in eval mode*: dropout is off and
 batch-norm uses its running statistics, whatever mode the loaded module is later put in.
+Hugging Face models are exported with ``use_cache=False`` (no KV cache in the outputs) and keep
+their config; a causal LM's sequence dimension (dimension 1 of its inputs) is dynamic too
+(``dynamic_seq``), and the loaded model is a :class:`LoadedCausalLM` that generates.
 
 File format (a zip archive, version 1)
 --------------------------------------
 * ``pxcompile.json``: the header: ``format`` (``"pxcompile-model"``), ``version``, the
   pxcompile and torch versions that wrote it, ``plan`` (the plan YAML, or null), ``layers``
   (GEMM name -> submodule path), ``inputs`` (the example inputs' structure: dtype and shape
-  of each tensor, value of each plain scalar), ``dynamic_batch``, ``byteorder`` and ``tensors``:
+  of each tensor, value of each plain scalar), ``dynamic_batch``, ``dynamic_seq``, for a
+  Hugging Face model ``hf`` (``class``, ``model_type``, ``main_input_name``, ``causal_lm`` and
+  ``config``, the config's ``to_dict()``: JSON only), ``byteorder`` and ``tensors``:
   one entry per tensor with its ``name``, ``kind`` (``parameter``, ``buffer`` or ``constant``),
   ``dtype``, ``shape``, ``requires_grad``, and either ``entry`` (the archive member holding its
   raw bytes, C-contiguous, in ``byteorder``) or ``alias`` (the name of the tensor it shares).
@@ -64,21 +69,19 @@ Limitations
 * Training through the loaded module works, but each sparse layer's backward recomputes its
   forward (see :mod:`pxcompile.ops`); for serious fine-tuning, rebuild onto the architecture
   with ``load(path, model=...)``, which gives back real PixelflyLinear layers.
-* Inputs / outputs of library container types (e.g. Hugging Face ``ModelOutput``) need the
-  module defining the type imported before loading (loading never imports it; the error
-  names it).
+* Inputs / outputs of library container types need the module defining the type imported
+  before loading (loading imports nothing the file names; the error names it). For a file of a
+  Hugging Face model, loading imports ``transformers.modeling_outputs`` itself (when
+  transformers is installed), which defines the usual ``ModelOutput`` types.
 * The graph is in torch.export's schema: a torch whose export schema has another major version
   refuses the file (the error says which torch wrote it).
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import inspect
 import json
-import operator
-import re
 import sys
 import zipfile
 from pathlib import Path
@@ -92,23 +95,38 @@ from torch.utils import _pytree as pytree
 from . import __version__
 from .attention import PixelflyAttention
 from .errors import ModelFileError, PlanError, PxError
-from .io import atomic_write
+from .hf import (
+    LoadedCausalLMMixin,
+    config_from_header,
+    hf_header,
+    hf_model_of,
+    import_output_types,
+    is_causal_lm,
+    read_hf_header,
+)
+from .io import OutputSet, atomic_write
 from .layers import PixelflyLinear
 from .ops import PixelflyAttentionOp, PixelflyOp
 from .plans import Plan
+from .serialize_check import DTYPE_NAMES as _DTYPE_NAMES
+from .serialize_check import DTYPES as _DTYPES
+from .serialize_check import Unregistered as _Unregistered
+from .serialize_check import Unsafe as _Unsafe
+from .serialize_check import UnsafeFileError
+from .serialize_check import check_fqn as _check_fqn
+from .serialize_check import check_fx_graph as _check_fx_graph
+from .serialize_check import check_program as _check_program
+from .serialize_check import is_int as _is_int
+from .serialize_check import read_json as _read_json
+from .serialize_check import read_tensor as _read_tensor
+from .serialize_check import strip_metadata as _strip_metadata
 
-__all__ = ["ExportError", "LoadedModel", "UnsafeFileError", "load", "save"]
+__all__ = ["ExportError", "LoadedCausalLM", "LoadedModel", "UnsafeFileError", "load", "save"]
 
 FORMAT = "pxcompile-model"
 FORMAT_VERSION = 1
 HEADER = "pxcompile.json"
 PROGRAM = "program.json"
-
-_MAX_JSON_BYTES = 512 << 20  # a header / program bigger than this is not ours
-
-
-class UnsafeFileError(ModelFileError):
-    """A model file asks for something loading never does (foreign ops, code, objects)."""
 
 
 class ExportError(PxError):
@@ -116,75 +134,13 @@ class ExportError(PxError):
 
 
 # ------------------------------------------------------------------------------------------
-# tensors as raw bytes
+# example inputs
 # ------------------------------------------------------------------------------------------
-
-_DTYPES: dict[str, torch.dtype] = {
-    str(dt).removeprefix("torch."): dt
-    for dt in (
-        torch.float64,
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-        torch.complex64,
-        torch.complex128,
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-        torch.bool,
-    )
-}
-_DTYPE_NAMES = {dt: name for name, dt in _DTYPES.items()}
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def _read_tensor(zf: zipfile.ZipFile, path: str, info: dict) -> torch.Tensor:
-    name = info["name"]
-    dtype = _DTYPES.get(info.get("dtype"))
-    shape = info.get("shape")
-    if dtype is None:
-        raise ModelFileError(
-            f"{path}: corrupt file: tensor {name!r} has an unknown dtype {info.get('dtype')!r}"
-        )
-    if not isinstance(shape, list) or not all(_is_int(s) and 0 <= s < 1 << 48 for s in shape):
-        raise ModelFileError(f"{path}: corrupt file: tensor {name!r} has a bad shape")
-    numel = 1
-    for s in shape:
-        numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = numel * itemsize
-    entry = info.get("entry")
-    try:
-        zinfo = zf.getinfo(entry)
-    except (KeyError, TypeError):
-        raise ModelFileError(f"{path}: corrupt file: no data for tensor {name!r}") from None
-    if zinfo.file_size != nbytes:
-        raise ModelFileError(
-            f"{path}: corrupt file: tensor {name!r} has {zinfo.file_size} bytes, expected {nbytes}"
-        )
-    raw = torch.empty(nbytes, dtype=torch.uint8)
-    buf = memoryview(raw.numpy())
-    with zf.open(zinfo) as f:
-        got = 0
-        while got < nbytes:
-            n = f.readinto(buf[got:])
-            if not n:
-                break
-            got += n
-        if got != nbytes or f.read(1):  # reading to the end also checks the CRC
-            raise ModelFileError(f"{path}: corrupt file: tensor {name!r} is truncated")
-    return raw.view(dtype).reshape(shape)
-
-
-# ------------------------------------------------------------------------------------------
-# example inputs
-# ------------------------------------------------------------------------------------------
 
 
 def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
@@ -262,13 +218,20 @@ def _op_copy(module: nn.Module) -> nn.Module:
     return m.eval()
 
 
-def _dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict) -> Any:
-    auto = getattr(torch.export.Dim, "AUTO", None) or torch.export.Dim("batch")
+def _dynamic_shapes(module: nn.Module, args: tuple, kwargs: dict, seq: bool = False) -> Any:
+    """Dynamic batch (dimension 0) and, with ``seq``, sequence (dimension 1) of every tensor
+    input of size >= 2 there (Dim.AUTO: export keeps static what the model specialises on)."""
+    auto = getattr(torch.export.Dim, "AUTO", None)
+    batch = auto or torch.export.Dim("batch")
+    length = auto or torch.export.Dim("seq")
 
     def dims(v):
-        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] >= 2:
-            return {0: auto}
-        return None
+        if not isinstance(v, torch.Tensor) or v.dim() < 1:
+            return None
+        d = {0: batch} if v.shape[0] >= 2 else {}
+        if seq and v.dim() >= 2 and v.shape[1] >= 2:
+            d[1] = length
+        return d or None
 
     try:  # by parameter name: also right for ``forward(*args, **kwargs)``
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
@@ -282,17 +245,21 @@ class _KeywordCall(nn.Module):
     can't trace) with the caller's own arguments. torch.export binds a GraphModule's
     keyword inputs by position, which breaks on wrappers with many optional inputs (Hugging
     Face's ``forward``); through this shell it sees plain keyword calls. Parameters, buffers
-    and submodules are the wrapped module's own tables, so the exported names are unchanged."""
+    and submodules are the wrapped module's own tables, so the exported names are unchanged.
+    ``fixed``: keyword arguments passed on every call without being inputs of the export
+    (``use_cache=False`` for Hugging Face models)."""
 
-    def __init__(self, target: fx.GraphModule) -> None:
+    def __init__(self, target: nn.Module, fixed: dict[str, Any] | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "_target", target)
         object.__setattr__(self, "_parameters", target._parameters)
         object.__setattr__(self, "_buffers", target._buffers)
         object.__setattr__(self, "_modules", target._modules)
 
+        fixed = dict(fixed or {})
+
         def forward(*args: Any, **kwargs: Any) -> Any:
-            return target(*args, **kwargs)
+            return target(*args, **{**fixed, **kwargs})
 
         # the wrapped model's signature, so that dynamic shapes are given by input name
         forward.__signature__ = inspect.signature(target.forward)  # type: ignore[attr-defined]
@@ -306,27 +273,35 @@ def _wraps_a_model(module: nn.Module) -> bool:
     return len(calls) == 1 and calls[0].op == "call_module" and calls[0].target == "model"
 
 
-def _export(module: nn.Module, args: tuple, kwargs: dict):
-    """(exported program, dynamic batch?)"""
-    if _wraps_a_model(module) and kwargs:
-        module = _KeywordCall(module)  # type: ignore[arg-type]
-    try:
-        ep = torch.export.export(
-            module, args, kwargs, dynamic_shapes=_dynamic_shapes(module, args, kwargs)
-        )
-    except Exception:
-        ep = None
-    if ep is None:
+def _export(
+    module: nn.Module,
+    args: tuple,
+    kwargs: dict,
+    *,
+    fixed: dict[str, Any] | None = None,
+    seq: bool = False,
+):
+    """(exported program, dynamic batch?, dynamic sequence?). Tries a dynamic batch (and
+    sequence, with ``seq``), then a dynamic batch only, then static shapes."""
+    if fixed or (_wraps_a_model(module) and kwargs):
+        module = _KeywordCall(module, fixed)
+    tries = [_dynamic_shapes(module, args, kwargs, seq=True)] if seq else []
+    tries += [_dynamic_shapes(module, args, kwargs), None]
+    for k, shapes in enumerate(tries):
         try:
-            ep = torch.export.export(module, args, kwargs)
+            ep = torch.export.export(module, args, kwargs, dynamic_shapes=shapes)
+            break
         except Exception as e:
-            raise ExportError(f"torch.export could not export the model: {_one_line(e)}") from e
-    dynamic = False
+            if k == len(tries) - 1:
+                msg = f"torch.export could not export the model: {_one_line(e)}"
+                raise ExportError(msg) from e
+    dynamic = dynamic_seq = False
     for spec, node in zip(ep.graph_signature.input_specs, ep.graph.find_nodes(op="placeholder")):
         val = node.meta.get("val")
         if spec.kind.name == "USER_INPUT" and isinstance(val, torch.Tensor) and val.dim() >= 1:
             dynamic |= isinstance(val.shape[0], torch.SymInt)
-    return ep, dynamic
+            dynamic_seq |= val.dim() >= 2 and isinstance(val.shape[1], torch.SymInt)
+    return ep, dynamic, dynamic_seq
 
 
 def save(module: nn.Module, path: str | Path, example_inputs: Any = None) -> None:
@@ -337,11 +312,17 @@ def save(module: nn.Module, path: str | Path, example_inputs: Any = None) -> Non
     Without them, the inputs ``sparsify`` stored on the module (``pxcompile_example_inputs``)
     are used. The module itself is not changed (it is deep-copied and exported in eval mode).
 
+    Hugging Face models are exported with ``use_cache=False`` (a KV cache is no tensor
+    output; a ``use_cache`` in ``example_inputs`` is exported as False), the file keeps their
+    config, and a causal LM's sequence dimension is dynamic too (give at least 2 tokens), so
+    that the loaded model generates (see :class:`LoadedCausalLM`).
+
     Raises :class:`ExportError` if torch.export cannot capture the model, and
     :class:`~pxcompile.errors.PxError` without example inputs.
     """
     if not isinstance(module, nn.Module):
         raise PxError(f"save: expected an nn.Module, got {type(module).__name__}")
+    OutputSet({"save:": path})  # a bad path (a directory, unwritable) fails before the export
     if example_inputs is None:
         example_inputs = getattr(module, "pxcompile_example_inputs", None)
     if example_inputs is None:
@@ -352,8 +333,16 @@ def save(module: nn.Module, path: str | Path, example_inputs: Any = None) -> Non
     args, kwargs = _split_inputs(example_inputs)
     plan = getattr(module, "pxcompile_plan", None)
     layers = getattr(module, "pxcompile_layers", None) or {}
+    hf_model = hf_model_of(module)
+    fixed: dict[str, Any] = {}
+    if hf_model is not None and "use_cache" in inspect.signature(module.forward).parameters:
+        if "use_cache" in kwargs:  # the user's own input stays one, with the value we can save
+            kwargs["use_cache"] = False
+        else:
+            fixed["use_cache"] = False
+    causal = hf_model is not None and is_causal_lm(hf_model)
 
-    ep, dynamic = _export(_op_copy(module), args, kwargs)
+    ep, dynamic, dynamic_seq = _export(_op_copy(module), args, kwargs, fixed=fixed, seq=causal)
     where = f"save: {type(module).__name__}"
     _check_fx_graph(ep.graph, where, ExportError)
     program = _program_json(ep)
@@ -405,9 +394,12 @@ def save(module: nn.Module, path: str | Path, example_inputs: Any = None) -> Non
         "layers": {str(k): str(v) for k, v in layers.items()},
         "inputs": _inputs_spec(args, kwargs),
         "dynamic_batch": dynamic,
+        "dynamic_seq": dynamic_seq,
         "byteorder": sys.byteorder,
         "tensors": tensors,
     }
+    if hf_model is not None:
+        header["hf"] = hf_header(hf_model)
 
     def write(tmp: str) -> None:
         with zipfile.ZipFile(tmp, "w") as zf:
@@ -443,269 +435,6 @@ def _program_json(ep) -> bytes:
     return json.dumps(d, separators=(",", ":")).encode()
 
 
-def _strip_metadata(d: dict) -> None:
-    gm = d.get("graph_module")
-    if isinstance(gm, dict):
-        if "metadata" in gm:
-            gm["metadata"] = {}
-        graph = gm.get("graph")
-        if isinstance(graph, dict) and isinstance(graph.get("nodes"), list):
-            for node in graph["nodes"]:
-                if isinstance(node, dict):
-                    node["metadata"] = {}
-
-
-# ------------------------------------------------------------------------------------------
-# checks on the program (before torch's deserializer sees it)
-# ------------------------------------------------------------------------------------------
-
-_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-_FQN_PART = re.compile(r"[A-Za-z0-9_]+\Z")
-_OP = re.compile(
-    r"torch\.ops\.(aten|prims|pxcompile)\."
-    r"((?!__)[A-Za-z_][A-Za-z0-9_]*|__i?(and|or|xor|lshift|rshift)__)"  # aten's few dunder ops
-    r"\.(?!_)[A-Za-z0-9_]+\Z"
-)
-_PY_OPS = {
-    "_operator.getitem": operator.getitem,
-    **{
-        f"_operator.{n}": getattr(operator, n)
-        for n in (
-            "add sub mul floordiv truediv mod pow neg pos eq ne lt le gt ge and_ or_ lshift rshift"
-        ).split()
-    },
-    "math.trunc": __import__("math").trunc,
-    **{
-        f"torch.{n}": getattr(torch, n)
-        for n in "sym_int sym_float sym_not sym_ite sym_max sym_min sym_sqrt".split()
-        if hasattr(torch, n)
-    },
-}
-_OP_NAMESPACES = {"aten", "prims", "pxcompile"}
-_FORBIDDEN = {
-    "as_graph": "a sub-graph (higher-order operator)",
-    "as_operator": "an operator as an argument",
-    "as_custom_obj": "a script object",
-    "custom_obj": "a script object",
-    "token": "an effect token",
-    "as_int_lists": "a kernel grid",
-    "as_float_lists": "a kernel argument",
-    "as_nested_tensors": "a nested tensor list",
-}
-_NAME_KEYS = {"name", "as_name", "user_input_name"}
-_FQN_KEYS = {"parameter_name", "buffer_name", "tensor_constant_name", "fqn"}
-# names a shape expression may use (sympy evaluates these strings)
-_SYMBOL = re.compile(r"(s|u|d|zf|zuf|ps|c|q|f|i)[0-9]+\Z")
-_EXPR_FUNCS = set(
-    "Symbol Integer Float Rational Add Mul Max Min Abs Eq Ne Lt Le Gt Ge StrictLessThan "
-    "StrictGreaterThan LessThan GreaterThan Equality Unequality And Or Not Piecewise ExprCondPair "
-    "FloorDiv ModularIndexing Where PythonMod Mod CleanDiv CeilToInt FloorToInt CeilDiv LShift "
-    "RShift FloatTrueDiv IntTrueDiv IsNonOverlappingAndDenseIndicator TruncToFloat TruncToInt "
-    "RoundToInt RoundDecimal ToFloat Identity".split()
-)
-_EXPR_CONSTS = set(
-    "true false True False oo Infinity NegativeInfinity Zero One NegativeOne".split()
-)
-_EXPR_OPS = (
-    ast.Add,
-    ast.Sub,
-    ast.Mult,
-    ast.Div,
-    ast.FloorDiv,
-    ast.Mod,
-    ast.USub,
-    ast.UAdd,
-    ast.Not,
-    ast.Invert,
-    ast.BitAnd,
-    ast.BitOr,
-    ast.And,
-    ast.Or,
-    ast.Eq,
-    ast.NotEq,
-    ast.Lt,
-    ast.LtE,
-    ast.Gt,
-    ast.GtE,
-)
-_NUMBER = re.compile(r"-?[0-9]{1,40}(\.[0-9]{1,40})?([eE][-+]?[0-9]{1,4})?\Z")
-
-
-class _Unsafe(Exception):
-    pass
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_expr(s: Any) -> None:
-    """A symbolic-shape expression must be plain arithmetic on shape symbols."""
-    if not isinstance(s, str) or len(s) > 4096:
-        raise _Unsafe("a shape expression that is not a short string")
-    try:
-        tree = ast.parse(s, mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        raise _Unsafe(f"a shape expression that does not parse: {s[:60]!r}") from None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Expression | ast.Load | ast.keyword | ast.Tuple) or isinstance(
-            node, _EXPR_OPS
-        ):
-            continue
-        if isinstance(node, ast.BinOp | ast.UnaryOp | ast.BoolOp | ast.Compare):
-            continue  # operators themselves are walked (and checked) as their own nodes
-        if isinstance(node, ast.Name):
-            if node.id in _EXPR_FUNCS or node.id in _EXPR_CONSTS or _SYMBOL.match(node.id):
-                continue
-            raise _Unsafe(f"the name {node.id!r} in a shape expression")
-        if isinstance(node, ast.Call):
-            if not isinstance(node.func, ast.Name) or node.func.id not in _EXPR_FUNCS:
-                raise _Unsafe("a call to something else than a shape function")
-            for kw in node.keywords:
-                if kw.arg is None or not re.fullmatch(r"[a-z_]{1,32}", kw.arg):
-                    raise _Unsafe("a keyword argument in a shape expression")
-            continue
-        if isinstance(node, ast.Constant):
-            v = node.value
-            if isinstance(v, bool) or v is None:
-                continue
-            if _is_int(v) and abs(v) < 1 << 64:
-                continue
-            if isinstance(v, float):
-                continue
-            if isinstance(v, str) and (_SYMBOL.match(v) or _NUMBER.match(v)):
-                continue
-            raise _Unsafe(f"the constant {str(v)[:40]!r} in a shape expression")
-        raise _Unsafe(f"{type(node).__name__} in a shape expression")
-
-
-def _check_ident(v: Any, what: str) -> None:
-    if not isinstance(v, str) or not _IDENT.match(v) or v.startswith("__"):
-        raise _Unsafe(f"{what} {str(v)[:60]!r} that is not an identifier")
-
-
-def _check_fqn(v: Any, what: str) -> None:
-    if v == "" and what == "module path":
-        return
-    if not isinstance(v, str) or len(v) > 1000:
-        raise _Unsafe(f"a {what} that is not a string")
-    for part in v.split("."):
-        if not _FQN_PART.match(part) or part.startswith("__"):
-            raise _Unsafe(f"the {what} {v[:60]!r}")
-
-
-def _walk(obj: Any, depth: int = 0) -> None:
-    if depth > 200:
-        raise _Unsafe("nesting too deep")
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if k in _FORBIDDEN:
-                raise _Unsafe(_FORBIDDEN[k])
-            if k == "expr_str":
-                _check_expr(v)
-            elif k in _NAME_KEYS:
-                if v is not None:
-                    _check_ident(v, "a name")
-            elif k in _FQN_KEYS:
-                _check_fqn(v, "module path" if k == "fqn" else "parameter path")
-            elif k == "metadata":
-                continue  # dropped
-            _walk(v, depth + 1)
-    elif isinstance(obj, list):
-        for v in obj:
-            _walk(v, depth + 1)
-
-
-class _Unregistered(Exception):
-    pass
-
-
-def _check_treespec(spec: Any) -> None:
-    """Input / output structures may only use container types registered with pytree (a
-    look-up; nothing is imported)."""
-    known = getattr(pytree, "SERIALIZED_TYPE_TO_PYTHON_TYPE", None)
-    stack = [spec[1] if isinstance(spec, list) and len(spec) == 2 else spec]
-    while stack:
-        node = stack.pop()
-        if not isinstance(node, dict):
-            raise ValueError("bad tree spec")
-        t = node.get("type")
-        if t is not None:
-            if not isinstance(t, str):
-                raise ValueError("bad tree spec")
-            if known is not None and t not in known:
-                raise _Unregistered(t)
-        stack.extend(node.get("children_spec") or [])
-
-
-def _check_program(d: Any) -> dict:
-    """Checks the program JSON (see the module doc) and drops what loading never needs."""
-    if not isinstance(d, dict) or not isinstance(d.get("graph_module"), dict):
-        raise ValueError("no graph module")
-    gm = d["graph_module"]
-    graph = gm.get("graph")
-    if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list):
-        raise ValueError("no graph")
-    if d.get("guards_code"):
-        raise _Unsafe("guard code")
-    if graph.get("custom_obj_values"):
-        raise _Unsafe("script objects")
-    for inp in graph.get("inputs") or []:
-        if not isinstance(inp, dict) or len(inp) != 1:
-            raise ValueError("bad graph input")
-        kind = next(iter(inp))
-        if kind not in ("as_tensor", "as_sym_int", "as_int", "as_float", "as_bool", "as_none"):
-            raise _Unsafe(f"a graph input of kind {kind!r}")
-    for node in graph["nodes"]:
-        if not isinstance(node, dict):
-            raise ValueError("bad node")
-        target = node.get("target")
-        if not isinstance(target, str) or not (_OP.match(target) or target in _PY_OPS):
-            raise _Unsafe(f"the operator {str(target)[:80]!r}")
-    for key in ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values"):
-        for name in (graph.get(key) or {}).keys():
-            _check_ident(name, "a value name")
-    for name in (d.get("range_constraints") or {}).keys():
-        if not _SYMBOL.match(name):
-            raise _Unsafe(f"the shape symbol {name[:40]!r}")
-    for entry in gm.get("module_call_graph") or []:
-        sig = entry.get("signature") if isinstance(entry, dict) else None
-        if isinstance(sig, dict):
-            for name in sig.get("forward_arg_names") or []:
-                _check_ident(name, "an argument name")
-            for key in ("in_spec", "out_spec"):
-                if not isinstance(sig.get(key), str):
-                    raise ValueError("bad tree spec")
-                _check_treespec(json.loads(sig[key]))
-    for type_name, fields in (gm.get("treespec_namedtuple_fields") or {}).items():
-        _check_fqn(type_name, "type name")
-        for f in (fields or {}).get("field_names") or []:
-            _check_ident(f, "a field name")
-    _walk(d)
-    _strip_metadata(d)
-    d["guards_code"] = []
-    return d
-
-
-def _check_fx_graph(graph: fx.Graph, where: str, error: type[PxError]) -> None:
-    """Every node of the (deserialized or exported) graph calls an allowed operator."""
-    allowed_py = set(_PY_OPS.values())
-    for node in graph.nodes:
-        if node.op in ("placeholder", "output"):
-            continue
-        if node.op != "call_function":
-            raise error(f"{where}: the graph has a {node.op} node ({node.target})")
-        t = node.target
-        if isinstance(t, torch._ops.OpOverload):
-            if t.namespace not in _OP_NAMESPACES:
-                raise error(
-                    f"{where}: the graph calls {t}, outside the aten/prims/pxcompile operators "
-                    "a model file may use"
-                )
-        elif t not in allowed_py:
-            raise error(f"{where}: the graph calls {getattr(t, '__name__', t)!r}")
-
-
 # ------------------------------------------------------------------------------------------
 # load
 # ------------------------------------------------------------------------------------------
@@ -721,7 +450,10 @@ class LoadedModel(nn.Module):
 
     Attributes: ``pxcompile_plan`` (the stored :class:`~pxcompile.plans.Plan`, or None),
     ``pxcompile_layers`` (GEMM name -> path of its sparse layer's parameters),
-    ``pxcompile_dynamic_batch`` (whether the batch dimension is dynamic), ``graph``, ``code``.
+    ``pxcompile_dynamic_batch`` (whether the batch dimension is dynamic),
+    ``pxcompile_dynamic_seq`` (the sequence dimension, for Hugging Face causal LMs), ``graph``,
+    ``code``; for a Hugging Face model also ``config`` (a transformers config of the saved
+    model's type; a dict without transformers) and ``main_input_name``.
     """
 
     def __init__(self, program: fx.GraphModule, plan: Plan | None, layers: dict, dynamic: bool):
@@ -754,20 +486,17 @@ class LoadedModel(nn.Module):
         return f"sparse_layers={n}, dynamic_batch={self.pxcompile_dynamic_batch}"
 
 
+class LoadedCausalLM(LoadedCausalLMMixin, LoadedModel):
+    """A Hugging Face causal LM loaded from a file: a :class:`LoadedModel` with ``config``,
+    ``device`` and a ``generate`` of pxcompile's own (greedy or sampled, without KV cache:
+    each new token reruns the whole sequence; see :meth:`pxcompile.hf.LoadedCausalLMMixin.generate`).
+    """
+
+
 def _one_line(e: BaseException) -> str:
     s = str(e).strip() or type(e).__name__
     s = s.splitlines()[0].strip()
     return s if len(s) <= 200 else s[:197] + "..."
-
-
-def _read_json(zf: zipfile.ZipFile, entry: str, path: str) -> Any:
-    try:
-        info = zf.getinfo(entry)
-    except KeyError:
-        raise ModelFileError(f"{path}: corrupt file: no {entry}") from None
-    if info.file_size > _MAX_JSON_BYTES:
-        raise ModelFileError(f"{path}: corrupt file: {entry} is too large")
-    return json.loads(zf.read(info).decode("utf-8"))
 
 
 def _read_header(zf: zipfile.ZipFile, path: str) -> dict:
@@ -878,6 +607,9 @@ def load(path: str | Path, model: nn.Module | None = None, example_inputs: Any =
     try:
         with zf:
             header = _read_header(zf, path)
+            hf_info = read_hf_header(header, path)
+            if hf_info is not None:
+                import_output_types()  # its outputs are transformers' ModelOutput types
             plan = _read_plan(header, path)
             program = None
             if model is None:
@@ -909,7 +641,16 @@ def load(path: str | Path, model: nn.Module | None = None, example_inputs: Any =
     for attr in ("train", "eval"):  # ep.module() makes these raise; LoadedModel owns them
         gm.__dict__.pop(attr, None)
     layers = {str(k): str(v) for k, v in header.get("layers", {}).items()}
-    return LoadedModel(gm, plan, layers, bool(header.get("dynamic_batch")))
+    causal = hf_info is not None and hf_info.get("causal_lm") is True
+    loaded = (LoadedCausalLM if causal else LoadedModel)(
+        gm, plan, layers, bool(header.get("dynamic_batch"))
+    )
+    loaded.pxcompile_dynamic_seq = header.get("dynamic_seq") is True
+    if hf_info is not None:
+        loaded.config = config_from_header(hf_info, path)
+        loaded.main_input_name = hf_info.get("main_input_name", "input_ids")
+        loaded.pxcompile_inputs = header.get("inputs")
+    return loaded
 
 
 def _read_plan(header: dict, path: str) -> Plan | None:
