@@ -483,3 +483,18 @@ def test_hugging_face_model_round_trips(tmp_path):
         got = loaded(**inputs)
         got = got["logits"] if isinstance(got, dict) else got.logits
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_save_to_a_directory_is_a_one_line_error_before_the_export(tmp_path, monkeypatch):
+    """Issue #11.5: save(gm, DIRECTORY) raised IsADirectoryError, after the whole export."""
+
+    def no_export(*a, **k):
+        raise AssertionError("exported before the path was checked")
+
+    monkeypatch.setattr(S, "_export", no_export)
+    for bad in (tmp_path, tmp_path / "file" / "m.px"):
+        (tmp_path / "file").write_text("x")
+        with pytest.raises(PxError) as ei:
+            pxcompile.save(nn.Linear(8, 8), bad, torch.randn(2, 8))
+        assert str(ei.value).startswith(f"save: {bad}: ") and "\n" not in str(ei.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
