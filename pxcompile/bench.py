@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .api import Inputs, call
+from .errors import PxError
 
 
 def _loss(out: Any) -> torch.Tensor:
@@ -56,6 +57,8 @@ def paired(
     return the median of the per-pair ratios ``time(a) / time(b)`` with the median seconds of
     each side. Pairs taken close together see the same machine load, so their ratio is steadier
     than a ratio of two medians on a shared machine."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise PxError(f"repeats must be a positive integer, got {repeats!r}")
     for _ in range(warmup):
         a()
         b()

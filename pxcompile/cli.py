@@ -54,6 +54,16 @@ def _block(s: str) -> int:
     return v
 
 
+def _positive(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
+    return v
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit 2."""
 
@@ -233,21 +243,67 @@ def _make_plan(args: argparse.Namespace, schema):
     return plan_schema(schema, args.budget, args.block or 32, _policy(args), _cost_model(args))
 
 
+def output_set(args: argparse.Namespace):
+    """The command's output files as an :class:`~pxcompile.io.OutputSet`: every path checked
+    (so a bad one fails before any work), written all or nothing, never over the input."""
+    from .io import OutputSet
+
+    paths = {
+        "-o": getattr(args, "output", None),
+        "--plan-out": getattr(args, "plan_out", None),
+        "--masks-out": getattr(args, "masks_out", None),
+        "--draw": getattr(args, "draw", None),
+    }
+    outs = OutputSet(paths, protect=[args.input])
+    if paths["--draw"]:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise PxError("--draw needs matplotlib: pip install 'pxcompile[draw]'") from None
+    return outs
+
+
 def _compile(args: argparse.Namespace) -> int:
     from .schema import ModelSchema
 
     path = Path(args.input)
     if not path.exists():
         raise PxError(f"{args.input}: no such file")
+    if args.output and path.suffix != ".py":
+        raise PxError("-o/--output needs a model file (.py); for a schema use --plan-out")
+    output_set(args)  # bad output paths fail now, not after the work
     if path.suffix == ".py":
         from .frontend_cli import compile_model_file  # imports torch: only for models
 
         return compile_model_file(args)
-    if args.output:
-        raise PxError("-o/--output needs a model file (.py); for a schema use --plan-out")
     schema = ModelSchema.load(path)
     plan = _make_plan(args, schema)
     return _finish(args, plan)
+
+
+# --masks-out and --draw hold every distinct mask in memory, one bool per block: a schema may
+# describe layers far too wide for that (up to 2^24), so refuse rather than run out of memory.
+MAX_MASK_CELLS = 1 << 28
+
+
+def check_mask_size(plan, flag: str) -> None:
+    """Raise PxError when the plan's distinct masks exceed :data:`MAX_MASK_CELLS` blocks."""
+    sizes: dict = {}
+    for lp in plan.sparse_layers:
+        g, a = lp.gemm, lp.attention
+        if a is not None:
+            side = a.padded_seq(g.seq or 0) // a.block
+            sizes[("attention", side, a)] = side * side
+        else:
+            sizes[(g.out_features, g.in_features, lp.pattern)] = (g.out_features // plan.block) * (
+                g.in_features // plan.block
+            )
+    cells = sum(sizes.values())
+    if cells > MAX_MASK_CELLS:
+        raise PxError(
+            f"{flag}: the masks would hold {cells:,} blocks, more than {MAX_MASK_CELLS:,}: "
+            "use a larger --block or leave the widest layers out"
+        )
 
 
 def _finish(
@@ -256,6 +312,9 @@ def _finish(
     """Print the report and write the outputs; exit 3 when strict and not attainable."""
     from . import report
 
+    outs = output_set(args)
+    if args.masks_out or args.draw:
+        check_mask_size(plan, "--masks-out" if args.masks_out else "--draw")
     files: dict = dict(extra_files or {})
     if args.plan_out:
         files[args.plan_out] = plan.to_yaml().encode()
@@ -275,7 +334,9 @@ def _finish(
 
         budget = "-" if plan.budget is None else f"{plan.budget:g}"
         raise BudgetNotAttainable(f"budget {budget} not attainable: {plan.note}")
-    report.write_outputs(files)
+    with outs:  # all or nothing: no existing output changes unless every one is written
+        for path, data in files.items():
+            outs.write_bytes(path, data)
     return 0
 
 
@@ -303,9 +364,10 @@ def _trace_cmd(argv: list[str]) -> int:
         from pathlib import Path
 
         from . import api, report
-        from .io import atomic_write_text
+        from .io import OutputSet
         from .modelfile import load_model_file
 
+        outs = OutputSet({"-o": args.output}, protect=[args.input])  # fails before the work
         model, inputs = load_model_file(args.input, args.model, args.inputs)
         traced = api.trace(model, inputs, name=Path(args.input).stem)
         if args.json:
@@ -313,7 +375,8 @@ def _trace_cmd(argv: list[str]) -> int:
         else:
             report.print_schema(traced, report.make_console())
         if args.output:
-            atomic_write_text(args.output, traced.schema.to_yaml())
+            with outs:
+                outs.write_text(args.output, traced.schema.to_yaml())
         return 0
 
     return _guard(run)
@@ -329,8 +392,12 @@ def _bench_cmd(argv: list[str]) -> int:
     )
     p.add_argument("input", help="a model file (.py) defining `model` and `example_inputs`")
     _add_plan_args(p)
-    p.add_argument("--repeats", type=int, default=5, help="timed runs per variant (default 5)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--repeats", type=_positive, default=5, help="timed runs per variant (default 5)"
+    )
+    p.add_argument(
+        "--threads", type=_positive, default=None, help="torch threads (default: torch's)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
 
@@ -343,7 +410,7 @@ def _bench_cmd(argv: list[str]) -> int:
         from .bench import compare
         from .modelfile import load_model_file
 
-        if args.threads:
+        if args.threads is not None:
             torch.set_num_threads(args.threads)
         model, inputs = load_model_file(args.input, args.model, args.inputs)
         traced = api.trace(model, inputs)

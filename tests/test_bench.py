@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from torch import nn
 
 from pxcompile.bench import compare, paired
 from pxcompile.cli import main
+from pxcompile.errors import PxError
 
 MLP = """
 import torch
@@ -49,3 +51,23 @@ def test_bench_command_errors(tmp_path, capsys):
     p.write_text(MLP)
     assert main(["bench", str(p)]) == 2
     assert "--budget is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag,value", [("--repeats", "0"), ("--repeats", "-1"), ("--threads", "-2"), ("--threads", "0")]
+)
+def test_bench_counts_must_be_positive(tmp_path, capsys, flag, value):
+    """Issue #11.5: --repeats 0 ended in a StatisticsError, --threads -2 in a RuntimeError."""
+    p = tmp_path / "m.py"
+    p.write_text(MLP)
+    with pytest.raises(SystemExit) as ei:
+        main(["bench", str(p), "--budget", "0.3", flag, value])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pxcompile: error: argument {flag}: must be a positive integer, got {value}"]
+
+
+def test_paired_needs_a_repeat():
+    for bad in (0, -3, 1.5, True):
+        with pytest.raises(PxError, match="repeats must be a positive integer"):
+            paired(lambda: None, lambda: None, repeats=bad)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -524,3 +525,91 @@ def test_planning_flags_do_not_mix_with_plan(capsys, tmp_path):
         assert_one_line_error(rc, err, extra[0])
     rc, _, err = run(capsys, schema_path("vit-b16"), "--plan", plan, "--block", "32")
     assert rc == 0, err
+
+
+# -- outputs: checked first, written all or nothing (issue #11.4) -----------------------------
+def _precious(tmp_path: Path) -> Path:
+    keep = tmp_path / "keep.yaml"
+    keep.write_bytes(b"precious\n")
+    keep.chmod(0o640)
+    return keep
+
+
+def _untouched(keep: Path) -> None:
+    assert keep.read_bytes() == b"precious\n"
+    assert stat.S_IMODE(keep.stat().st_mode) == 0o640
+
+
+@pytest.mark.parametrize(
+    "later", ["unwritable", "same-file", "directory", "under-a-file", "strict", "commit-fails"]
+)
+def test_a_failing_command_changes_no_existing_output(capsys, tmp_path, monkeypatch, later):
+    keep = _precious(tmp_path)
+    budget = "0.01" if later == "strict" else "0.3"
+    second = {
+        "unwritable": "/proc/x/masks.npz",
+        "same-file": str(keep),
+        "directory": str(tmp_path),
+        "under-a-file": str(keep / "masks.npz"),
+    }.get(later, str(tmp_path / "masks.npz"))
+    args = [
+        schema_path("gpt2-small"),
+        "--budget",
+        budget,
+        "--plan-out",
+        keep,
+        "--masks-out",
+        second,
+    ]
+    if later == "strict":
+        args.append("--strict")
+    if later == "commit-fails":
+        real = os.replace
+
+        def full_disk(src, dst):
+            if str(dst).endswith("masks.npz"):
+                raise OSError(28, "No space left on device")
+            real(src, dst)
+
+        monkeypatch.setattr(os, "replace", full_disk)
+    rc, _, err = run(capsys, *args)
+    assert_one_line_error(rc, err)
+    assert rc == (3 if later == "strict" else 2)
+    _untouched(keep)
+    assert listing(tmp_path) == ["keep.yaml"]  # no temporary file, nothing half-written
+
+
+def test_plan_out_and_masks_out_may_not_be_one_file(capsys, tmp_path):
+    p = tmp_path / "same"
+    rc, _, err = run(capsys, schema_path("gpt2-small"), "--budget", "0.3",
+                     "--plan-out", p, "--masks-out", p)  # fmt: skip
+    assert_one_line_error(rc, err, "--plan-out", "--masks-out", "are the same file")
+    assert listing(tmp_path) == []
+
+
+def test_an_output_may_not_overwrite_the_input(capsys, tmp_path):
+    s = tmp_path / "s.yaml"
+    s.write_text(Path(schema_path("vit-b16")).read_text())
+    rc, _, err = run(capsys, s, "--budget", "0.3", "--plan-out", s)
+    assert_one_line_error(rc, err, "would overwrite the input")
+    assert s.read_text() == Path(schema_path("vit-b16")).read_text()
+
+
+def test_a_replaced_output_keeps_its_mode(capsys, tmp_path):
+    keep = _precious(tmp_path)
+    assert run(capsys, schema_path("vit-b16"), "--budget", "0.3", "--plan-out", keep)[0] == 0
+    assert keep.read_text().startswith("version: 1")
+    assert stat.S_IMODE(keep.stat().st_mode) == 0o640
+
+
+def test_masks_too_large_to_hold_are_refused(capsys, tmp_path):
+    """Issue #11.6: a schema may describe layers 2^17 wide; their masks at block 1 would be
+    2^34 booleans."""
+    s = tmp_path / "wide.yaml"
+    s.write_text(
+        "version: 1\nname: wide\ngemms: [{name: fc, type: mlp, in: 131072, out: 131072, rows: 1}]\n"
+    )
+    rc, out, err = run(capsys, s, "--budget", "0.3", "--block", "1", "--masks-out",
+                       tmp_path / "m.npz")  # fmt: skip
+    assert_one_line_error(rc, err, "--masks-out", "blocks, more than 268,435,456")
+    assert listing(tmp_path) == ["wide.yaml"]

@@ -159,3 +159,33 @@ def test_shipped_long_gpt_sparsifies_attention_and_saves(tmp_path, capsys):
     assert "verified" in text
     assert out.exists()
     assert "block: 64" in plan.read_text()  # the attention pattern is in the plan file
+
+
+# -- outputs are checked before the work, and a failure leaves old files alone (issue #11) ---
+def test_a_bad_output_path_fails_first_and_keeps_the_existing_model(tmp_path, capsys):
+    p = write(tmp_path, MLP)
+    keep = tmp_path / "keep.px"
+    keep.write_bytes(b"the model from yesterday")
+    keep.chmod(0o600)
+    argv = [str(p), "--budget", "0.3", "-o", str(keep), "--plan-out", "/proc/x/plan.yaml"]
+    assert main(argv) == 2
+    assert "--plan-out /proc/x/plan.yaml: cannot write in /proc" in err_line(capsys)
+    assert keep.read_bytes() == b"the model from yesterday"
+    assert keep.stat().st_mode & 0o777 == 0o600
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["keep.px", "m.py"]
+
+
+@pytest.mark.parametrize("where", ["a directory", "/sys", "under a file", "the input"])
+def test_trace_output_errors_are_one_line(tmp_path, capsys, where):
+    p = write(tmp_path, MLP)
+    if where == "/sys" and not Path("/sys").is_dir():
+        pytest.skip("no /sys here")
+    target = {
+        "a directory": tmp_path,
+        "/sys": Path("/sys/x"),
+        "under a file": p / "x.yaml",
+        "the input": p,
+    }[where]
+    assert main(["trace", str(p), "-o", str(target)]) == 2
+    assert str(target) in err_line(capsys)
+    assert p.read_text() == textwrap.dedent(MLP)
