@@ -180,6 +180,33 @@ def attention_block_mask(n: int, factors: int, globals: int = 1) -> np.ndarray:
     return m
 
 
+def attention_kept_blocks(n: int, factors: int, globals: int = 1, causal: bool = False) -> int:
+    """``attention_block_mask(n, factors, globals)``'s kept blocks (in its lower triangle
+    when ``causal``), counted in O(globals x factors) steps without building the mask.
+
+    Example:
+        >>> attention_kept_blocks(8, 2, 1) == int(attention_block_mask(8, 2, 1).sum())
+        True
+    """
+    check_butterfly(n, factors)
+    if not 0 <= globals <= n:
+        raise ValueError(f"globals must be in [0, {n}], got {globals}")
+    g = globals
+    offsets = [0] + [1 << k for k in range(factors)]  # butterfly: j = i XOR offset
+    if causal:
+        # Butterfly cells with j <= i: the diagonal, and half of each offset's pairs. Global
+        # rows add nothing below the diagonal that global columns do not; global columns
+        # keep (i, j) for all i >= j. Butterfly cells in global columns are counted once.
+        butterfly = n + factors * n // 2
+        in_globals = sum(1 for j in range(g) for s in offsets if (j ^ s) >= j)
+        return butterfly - in_globals + g * n - g * (g - 1) // 2
+    # Global rows and columns: 2 g n - g^2 cells; butterfly cells outside them.
+    butterfly = n * (factors + 1)
+    in_rows = g * (factors + 1)  # rows i < g: f + 1 each (and by symmetry columns j < g)
+    in_both = sum(1 for i in range(g) for s in offsets if (i ^ s) < g)
+    return butterfly - (2 * in_rows - in_both) + 2 * g * n - g * g
+
+
 @dataclass(frozen=True, order=True)
 class AttentionSpec:
     """Hyperparameters of a Pixelfly attention pattern (sequence-independent).
@@ -229,10 +256,13 @@ class AttentionSpec:
         return np.tril(m) if causal else m
 
     def density(self, seq: int, causal: bool = False) -> float:
-        """Kept fraction of the score matrix's blocks (of the lower triangle's when causal)."""
-        m = self.block_mask(seq, causal)
-        n = m.shape[0]
-        return float(m.sum()) / (n * (n + 1) // 2 if causal else n * n)
+        """Kept fraction of the score matrix's blocks (of the lower triangle's when causal).
+
+        Counted, not read off the mask: planning asks this of sequences up to 2^24 tokens,
+        whose ``n x n`` block mask would not fit in memory."""
+        n = self.padded_seq(seq) // self.block
+        kept = attention_kept_blocks(n, self.factors, self.globals, causal)
+        return kept / (n * (n + 1) // 2 if causal else n * n)
 
     def compute_fraction(self, seq: int) -> float:
         """Work relative to dense attention over ``seq`` tokens (padding included, capped

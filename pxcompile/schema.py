@@ -22,6 +22,12 @@ from .errors import SchemaError
 
 SCHEMA_VERSION = 1
 
+# Largest ``in``, ``out``, ``heads`` and ``seq`` a schema file may give: 2^24 = 16,777,216 is
+# far beyond any real layer yet keeps planning fast; ``rows`` and ``calls`` (pure counts,
+# batch x tokens x heads) may go to 2^40.
+MAX_DIM = 1 << 24
+MAX_COUNT = 1 << 40
+
 
 class LayerType(str, enum.Enum):
     """What a GEMM is for; the policy decides per type what may be sparsified."""
@@ -205,7 +211,7 @@ class ModelSchema:
             raise SchemaError(f"{source}: 'description' must be a string")
         gemms = [_gemm_from_dict(entry, i, source) for i, entry in enumerate(raw)]
         try:
-            return cls(
+            schema = cls(
                 name=name,
                 gemms=gemms,
                 description=description,
@@ -213,6 +219,8 @@ class ModelSchema:
             )
         except SchemaError as e:
             raise SchemaError(f"{source}: {e}") from None
+        _check_shared(gemms, source)
+        return schema
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "<schema>") -> ModelSchema:
@@ -264,6 +272,11 @@ def _gemm_from_dict(entry: Any, i: int, source: str) -> Gemm:
         v = entry[key]
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise SchemaError(f"{where}: '{key}' must be a positive integer, got {v!r}")
+        limit = MAX_COUNT if key in ("rows", "calls") else MAX_DIM
+        if v > limit:
+            raise SchemaError(
+                f"{where}: '{key}' must be at most {limit} (2^{limit.bit_length() - 1}), got {v}"
+            )
         return v
 
     bias = entry.get("bias", False)
@@ -286,6 +299,32 @@ def _gemm_from_dict(entry: Any, i: int, source: str) -> Gemm:
         heads=pos_int("heads", None, required=False),
         seq=pos_int("seq", None, required=False),
     )
+
+
+def _check_shared(gemms: list[Gemm], source: str) -> None:
+    """``shared_with`` names another GEMM with the same weight (or its transpose), or a
+    parameter outside the GEMM list (e.g. a token embedding tied to the head)."""
+    by_name = {g.name: g for g in gemms}
+    for i, g in enumerate(gemms):
+        if g.shared_with is None:
+            continue
+        shown = g.name if g.name.isprintable() else repr(g.name)
+        where = f"{source}: gemms[{i}] ({shown}): 'shared_with'"
+        if not g.has_weight:
+            raise SchemaError(f"{where}: a {g.type.value} GEMM has no weight to share")
+        if g.shared_with == g.name:
+            raise SchemaError(f"{where} names the GEMM itself")
+        other = by_name.get(g.shared_with)
+        if other is None:
+            continue
+        if not other.has_weight:
+            raise SchemaError(f"{where}: {other.name} is a {other.type.value} GEMM, with no weight")
+        if other.shape not in (g.shape, g.shape[::-1]):
+            o, i_ = other.shape
+            raise SchemaError(
+                f"{where}: {other.name}'s weight is {o}x{i_}, not {g.out_features}x"
+                f"{g.in_features} or its transpose"
+            )
 
 
 def total_flops(gemms: Iterable[Gemm]) -> int:

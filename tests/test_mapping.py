@@ -16,7 +16,7 @@ from pxcompile.passes.mapping import (
 )
 from pxcompile.patterns import PatternSpec
 from pxcompile.policy import Policy
-from pxcompile.schema import Gemm, LayerType
+from pxcompile.schema import MAX_DIM, Gemm, LayerType, ModelSchema
 
 COST = FlopsBlockCost()
 
@@ -253,3 +253,74 @@ def test_attention_menu():
     odd = Gemm("o.scores", LayerType.ATTN_SCORES, 64, 3000, rows=3000, seq=3000)
     for c in attention_menu(odd, pol, pol.resolve(odd, 32)):
         assert c.density >= c.spec.density(3000) * (c.spec.padded_seq(3000) / 3000) ** 2 - 1e-12
+
+
+# -- bounded work (issue #11.6: in: 2^26 took 66 s and 1.1 GB) ---------------------------------
+def test_even_divisors():
+    from pxcompile.passes.mapping import _even_divisors
+
+    for n in [*range(1, 300), 720720, 2**19, 3 * 2**18, 969969]:
+        want = [d for d in range(2, n + 1, 2) if n % d == 0]
+        assert _even_divisors(n) == want
+        for limit in (1, 2, 10, 100, 10**6):
+            assert _even_divisors(n, limit) == [d for d in want if d <= limit]
+
+
+@pytest.mark.parametrize("shape", [(MAX_DIM, MAX_DIM), (MAX_DIM, 3 * 2**20)])
+def test_work_for_the_largest_layers_is_bounded(shape):
+    """A schema may give sides up to 2^24: the menu tries a bounded number of patterns and
+    ranks (O(log size) patterns; ranks at most RANK_RESOLUTION x NEAR_EQUAL apart)."""
+    from pxcompile.passes.mapping import MAX_RANKS, _min_block_density, _ranks
+
+    g = mlp(*shape, rows=1)
+    for pol in (Policy(), Policy(rank_multiple=1), Policy(lowrank_share=0.9)):
+        res = pol.resolve(g, 32)
+        bases = patterns(g, 32, pol.max_pattern_block, _min_block_density(g, pol, res))
+        tried = [len(_ranks(g, b, pol, res)) for b in bases]
+        assert 0 < len(bases) < 300 and max(tried) <= MAX_RANKS + 1, (len(bases), max(tried))
+        if pol.lowrank_share == 0.15:  # 32 x 0.15 / 0.85 / NEAR_EQUAL = 282 (x2: rounding)
+            assert max(tried) <= 600
+    m = menu_of(g)
+    assert m and all(0.05 - 1e-12 <= c.density <= 0.9 + 1e-12 for c in m)
+    for a, b in zip(m, m[1:]):
+        assert b.density - a.density >= NEAR_EQUAL * b.density
+
+
+def test_min_block_density_loses_no_choice():
+    """Patterns left out for their block density could not reach the floor with any rank."""
+    from pxcompile.passes.mapping import _min_block_density, _ranks
+
+    g = mlp(2048, 8192)
+    for pol in (
+        Policy.from_dict({"types": {"mlp": {"floor": 0.2}}}),
+        Policy.from_dict({"types": {"mlp": {"floor": 0.2}}, "rank": 64}),
+    ):
+        res = pol.resolve(g, 16)
+        kept = set(patterns(g, 16, 4, _min_block_density(g, pol, res)))
+        assert kept
+        for base in set(patterns(g, 16, 4)) - kept:
+            for r in _ranks(g, base, pol, res) or [0]:
+                spec = PatternSpec(base.butterfly, base.factors, base.pattern_block, r)
+                assert spec.density(2048, 8192) < res.floor
+
+
+def test_planning_a_schema_at_the_size_bound():
+    from pxcompile.passes.budget import plan_schema
+
+    s = ModelSchema.from_yaml(
+        f"version: 1\nname: big\ngemms:\n- {{name: fc, type: mlp, in: {MAX_DIM}, "
+        f"out: {MAX_DIM}, rows: 1}}\n"
+    )
+    p = plan_schema(s, 0.3, 32)
+    assert p["fc"].sparse and 0.28 <= p.summary.eligible_fraction <= 0.3
+
+
+def test_attention_menu_at_the_longest_sequence():
+    from pxcompile.passes.mapping import attention_menu
+
+    g = Gemm("a.scores", LayerType.ATTN_SCORES, 64, MAX_DIM, rows=MAX_DIM, heads=1, seq=MAX_DIM)
+    pol = Policy()
+    assert attention_menu(g, pol, pol.resolve(g, 32)) == []  # every pattern under the floor
+    pol = Policy.from_dict({"types": {"attn_scores": {"floor": 1e-5}}})
+    m = attention_menu(g, pol, pol.resolve(g, 32))
+    assert m and all(1e-5 <= c.density <= 0.25 for c in m)

@@ -158,3 +158,29 @@ def test_block_mask_is_exact_at_hardware_blocks(case):
     # density of the mask actually built is exactly the block density
     assert mask_density(bm) == spec.block_density
     assert spec.kept_blocks(out, inn) * (spec.pattern_block // block) ** 2 == bm.sum()
+
+
+# -- attention densities are counted, not read off a mask (issue #11.6) ----------------------
+@settings(max_examples=80, deadline=None)
+@given(grid(), st.integers(0, 64), st.booleans())
+def test_attention_kept_blocks_matches_the_mask(nf, globals_, causal):
+    from pxcompile.patterns import attention_block_mask, attention_kept_blocks
+
+    n, f = nf
+    g = min(globals_, n)
+    m = attention_block_mask(n, f, g)
+    assert attention_kept_blocks(n, f, g, causal) == int((np.tril(m) if causal else m).sum())
+
+
+def test_attention_density_of_the_longest_sequence_builds_no_mask(monkeypatch):
+    """A schema may give seq up to 2^24: its 262144 x 262144 block mask would not fit."""
+    import pxcompile.patterns as P
+
+    def no_mask(*a):
+        raise AssertionError("density must not build the mask")
+
+    monkeypatch.setattr(P, "attention_block_mask", no_mask)
+    spec = P.AttentionSpec(64, 8, 1)
+    d = spec.density(2**24)
+    assert 0 < d < 0.001 and spec.density(2**24, causal=True) > d
+    assert spec.compute_fraction(2**24) == d

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from hypothesis import strategies as st
 
 from pxcompile.errors import PxError, SchemaError
 from pxcompile.schema import (
+    MAX_COUNT,
+    MAX_DIM,
     SCHEMA_VERSION,
     Gemm,
     LayerType,
@@ -149,6 +152,7 @@ def test_name_defaults_to_file_stem(tmp_path):
 
 _names = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=20)
 _pos = st.integers(min_value=1, max_value=2**40)
+_dim = st.integers(min_value=1, max_value=MAX_DIM)
 _scalars = st.one_of(
     st.integers(-(2**40), 2**40),
     st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=20),
@@ -163,15 +167,31 @@ def gemms(draw, name: str) -> Gemm:
     return Gemm(
         name=name,
         type=draw(st.sampled_from(LayerType)),
-        in_features=draw(_pos),
-        out_features=draw(_pos),
+        in_features=draw(_dim),
+        out_features=draw(_dim),
         rows=draw(_pos),
         calls=draw(_pos),
         bias=draw(st.booleans()),
         shared_with=draw(st.none() | _names),
-        heads=draw(st.none() | _pos),
-        seq=draw(st.none() | _pos),
+        heads=draw(st.none() | _dim),
+        seq=draw(st.none() | _dim),
     )
+
+
+def _valid_sharing(gemms: list[Gemm]) -> list[Gemm]:
+    """Drop the ``shared_with`` a schema file may not have (itself, no weight, another GEMM
+    of another shape): the round trip covers every schema a file can hold."""
+    by_name = {g.name: g for g in gemms}
+    out = []
+    for g in gemms:
+        other = by_name.get(g.shared_with or "")
+        bad = not g.has_weight or g.shared_with == g.name
+        bad = bad or (
+            other is not None
+            and (not other.has_weight or other.shape not in (g.shape, g.shape[::-1]))
+        )
+        out.append(replace(g, shared_with=None) if g.shared_with and bad else g)
+    return out
 
 
 @st.composite
@@ -179,7 +199,7 @@ def schemas(draw) -> ModelSchema:
     names = draw(st.lists(_names, min_size=1, max_size=8, unique=True))
     return ModelSchema(
         name=draw(_names),
-        gemms=[draw(gemms(n)) for n in names],
+        gemms=_valid_sharing([draw(gemms(n)) for n in names]),
         description=draw(
             st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), max_size=60)
         ),
@@ -339,6 +359,47 @@ def test_bad_bias_and_shared_with():
     assert msg == "x.yaml: gemms[3] (h.0.mlp.fc): 'bias' must be true or false, got 'yes please'"
     msg = _err(_doc(dict(GOOD, shared_with=7)))
     assert msg == "x.yaml: gemms[3] (h.0.mlp.fc): 'shared_with' must be a name, got 7"
+
+
+@pytest.mark.parametrize("field", ["in", "out", "heads", "seq"])
+def test_sizes_are_bounded(field):
+    """Issue #11.6: a schema with in: 1000000000 never finished planning."""
+    assert _err(_doc(dict(GOOD, **{field: 10**9}))) == (
+        f"x.yaml: gemms[3] (h.0.mlp.fc): '{field}' must be at most 16777216 (2^24), got 1000000000"
+    )
+    assert MAX_DIM == 2**24
+    ModelSchema.from_yaml(_doc(dict(GOOD, **{field: MAX_DIM})))  # the bound itself is fine
+
+
+@pytest.mark.parametrize("field", ["rows", "calls"])
+def test_counts_are_bounded(field):
+    msg = _err(_doc(dict(GOOD, **{field: MAX_COUNT + 1})))
+    assert msg.endswith(f"'{field}' must be at most {MAX_COUNT} (2^40), got {MAX_COUNT + 1}")
+    ModelSchema.from_yaml(_doc(dict(GOOD, **{field: MAX_COUNT})))
+
+
+def test_shared_with_must_name_another_weight():
+    tied = dict(GOOD, name="head", **{"in": 3072, "out": 768})
+    cases = {
+        "itself": (dict(GOOD, shared_with="h.0.mlp.fc"), "'shared_with' names the GEMM itself"),
+        "no weight": (
+            dict(GOOD, type="attn_scores", shared_with="g0"),
+            "'shared_with': a attn_scores GEMM has no weight to share",
+        ),
+        "other shape": (
+            dict(tied, **{"in": 512}, shared_with="g0"),
+            "'shared_with': g0's weight is 3072x768, not 768x512 or its transpose",
+        ),
+    }
+    for entry, needle in cases.values():
+        msg = _err(_doc(entry))
+        assert msg.startswith("x.yaml: gemms[3] (") and needle in msg, msg
+    # the same weight, its transpose, or a parameter outside the GEMM list (a token embedding)
+    for ok in ("g0", "transformer.wte"):
+        s = ModelSchema.from_yaml(_doc(dict(GOOD, shared_with=ok)))
+        assert s.gemms[3].shared_with == ok
+    t = dict(tied, shared_with="g0")  # 768x3072: g0's transpose
+    assert ModelSchema.from_yaml(_doc(t)).gemms[3].shared_with == "g0"
 
 
 def test_entry_not_a_mapping():

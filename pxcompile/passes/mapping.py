@@ -124,26 +124,54 @@ class Choice:
     cost: float
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(2, n + 1) if n % d == 0]
+# Ranks tried with one butterfly pattern are at least this fraction of NEAR_EQUAL x its block
+# density apart in density: every rank_multiple for real layers, a coarser step for layers
+# tens of thousands wide, so a pattern never has more than about 32 x lowrank_share /
+# (1 - lowrank_share) / NEAR_EQUAL ranks (the menu keeps one choice per NEAR_EQUAL anyway).
+RANK_RESOLUTION = 1 / 32
+MAX_RANKS = 512  # and never more than this many (a lowrank_share near 1 would allow 10^4)
 
 
-def patterns(gemm: Gemm, block: int, max_pattern_block: int) -> list[PatternSpec]:
-    """Every rank-0 butterfly pattern that lays exactly on the weight (density < 1)."""
+def _even_divisors(n: int, limit: int | None = None) -> list[int]:
+    """The even divisors of ``n`` up to ``limit``, rising, in O(min(limit, sqrt n)) steps
+    (a butterfly size must be even: 2^f divides it with f >= 1)."""
+    top = n if limit is None else min(n, limit)
+    if top * top <= n:
+        return [d for d in range(2, top + 1, 2) if n % d == 0]
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    both = sorted({*small, *(n // d for d in small)})
+    return [d for d in both if d % 2 == 0 and d <= top]
+
+
+def patterns(
+    gemm: Gemm, block: int, max_pattern_block: int, min_block_density: float = 0.0
+) -> list[PatternSpec]:
+    """Every rank-0 butterfly pattern that lays exactly on the weight (density < 1), with a
+    block density of at least ``min_block_density``.
+
+    A butterfly of size ``n`` keeps ``(f + 1) / n <= bit_length(n) / n`` of the weight, so
+    a positive ``min_block_density`` bounds ``n`` by ``bit_length / min_block_density``:
+    the enumeration is O(log(size) / min_block_density), else O(sqrt(size)), not O(size).
+    """
     out: list[PatternSpec] = []
     o, i = gemm.out_features, gemm.in_features
     pb = block
     while pb <= block * max_pattern_block and o % pb == 0 and i % pb == 0:
-        for n in _divisors(math.gcd(o // pb, i // pb)):
+        g = math.gcd(o // pb, i // pb)
+        limit = int(g.bit_length() / min_block_density) + 1 if min_block_density > 0 else None
+        for n in _even_divisors(g, limit):
             f = 1
             while n % (1 << f) == 0 and f + 1 < n:
-                out.append(PatternSpec(n, f, pb))
+                if (f + 1) / n >= min_block_density:
+                    out.append(PatternSpec(n, f, pb))
                 f += 1
         pb *= 2
     return out
 
 
 def _ranks(gemm: Gemm, spec: PatternSpec, policy: Policy, resolved: Resolved) -> list[int]:
+    """The ranks to try with ``spec``: those whose total density can be within the floor and
+    ceiling, at most ``RANK_RESOLUTION x NEAR_EQUAL x block density`` apart."""
     o, i = gemm.out_features, gemm.in_features
     cap = min(o, i) // 2
     if resolved.rank is not None:
@@ -154,7 +182,18 @@ def _ranks(gemm: Gemm, spec: PatternSpec, policy: Policy, resolved: Resolved) ->
     step = policy.rank_multiple
     per_rank = (i + o) / (i * o)
     top = min(cap, int(max_lr / per_rank))
-    return list(range(0, top + 1, step))
+    # Ranks outside [floor, ceiling] are never chosen: skip them (a step of slack each side,
+    # the menu checks the bounds exactly).
+    bd = spec.block_density
+    lo = max(0, (math.ceil((resolved.floor - bd) / per_rank / step) - 1) * step)
+    hi = min(top, (math.floor((resolved.ceiling - bd) / per_rank / step) + 1) * step)
+    if hi < lo:
+        return []
+    finest = RANK_RESOLUTION * NEAR_EQUAL * bd  # the density step that still matters
+    stride = step * max(
+        1, math.floor(finest / (per_rank * step)), -(-(hi - lo) // (step * MAX_RANKS))
+    )
+    return list(range(lo, hi + 1, stride))
 
 
 def attention_menu(gemm: Gemm, policy: Policy, resolved: Resolved) -> list[Choice]:
@@ -192,7 +231,11 @@ def menu(
         return attention_menu(gemm, policy, resolved)
     o, i = gemm.out_features, gemm.in_features
     choices: dict[float, Choice] = {}
-    for base in patterns(gemm, block, policy.max_pattern_block):
+    for base in patterns(
+        gemm, block, policy.max_pattern_block, _min_block_density(gemm, policy, resolved)
+    ):
+        if base.block_density > resolved.ceiling + 1e-12:
+            continue  # the low-rank term only adds density
         for r in _ranks(gemm, base, policy, resolved):
             spec = PatternSpec(base.butterfly, base.factors, base.pattern_block, r)
             if spec.misfit(o, i, block):
@@ -216,6 +259,19 @@ def menu(
             continue
         kept.append(c)
     return kept
+
+
+def _min_block_density(gemm: Gemm, policy: Policy, resolved: Resolved) -> float:
+    """The block density under which no rank lifts a pattern to the floor: with auto ranks
+    the low-rank term is at most ``share / (1 - share)`` of the block density, with a fixed
+    rank it is that rank's density (a little slack for rounding)."""
+    if resolved.rank is not None:
+        o, i = gemm.out_features, gemm.in_features
+        lowrank = min(resolved.rank, min(o, i) // 2) * (i + o) / (i * o)
+        need = resolved.floor - lowrank
+    else:
+        need = resolved.floor * (1 - policy.lowrank_share)
+    return max(0.0, need * (1 - 1e-9) - 1e-12)
 
 
 def choose(options: list[Choice], target: float) -> Choice:
