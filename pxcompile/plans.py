@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 import yaml
 
-from .errors import PlanError
+from .errors import PlanError, PolicyError
 from .io import atomic_write_text
 from .patterns import AttentionSpec, PatternSpec, block_mask
+from .policy import Policy
 from .schema import Gemm, LayerType, ModelSchema
 
 PLAN_VERSION = 1
@@ -279,8 +280,17 @@ class Plan:
         if not isinstance(raw, list) or not raw:
             raise PlanError(f"{source}: 'layers' must be a non-empty list")
         budget = data.get("budget")
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float)):
-            raise PlanError(f"{source}: 'budget' must be a number, got {budget!r}")
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 1
+        ):
+            raise PlanError(
+                f"{source}: 'budget' must be a number in (0, 1] or null, got {budget!r}"
+            )
+        policy = data.get("policy") or {}
+        try:  # copied into every plan written from this one: it must be a valid policy
+            Policy.from_dict(policy, f"{source}: policy")
+        except PolicyError as e:
+            raise PlanError(str(e)) from None
         layers = [_layer_from_dict(e, i, source, block) for i, e in enumerate(raw)]
         names = [lp.name for lp in layers]
         if len(set(names)) != len(names):
@@ -292,7 +302,7 @@ class Plan:
             block=block,
             budget=budget,
             layers=layers,
-            policy=data.get("policy") or {},
+            policy=policy,
             cost_model=str(data.get("cost_model", "")),
             note=str(summary.get("note", "")) if isinstance(summary, dict) else "",
         )

@@ -232,6 +232,36 @@ def test_malformed_plans_give_one_line_errors(tmp_path, mutate, match):
 
 
 @pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (_mutate("budget", 7), "'budget' must be a number in (0, 1] or null, got 7"),
+        (_mutate("budget", 0), "'budget' must be a number in (0, 1] or null, got 0"),
+        (_mutate("budget", -0.3), "got -0.3"),
+        (_mutate("budget", float("nan")), "got nan"),
+        (_mutate("policy", "garbage"), "policy: expected a mapping"),
+        (_mutate("policy", [1, 2]), "policy: expected a mapping"),
+        (_mutate("policy", {"bogus": 1}), "policy: unknown key 'bogus'"),
+        (_mutate("policy", {"size_exponent": 99}), "'size_exponent' must be in [0, 4]"),
+        (_mutate("policy", {"types": {"mlp": {"floor": 2}}}), "types.mlp.floor"),
+    ],
+)
+def test_budget_and_policy_of_a_plan_are_checked(tmp_path, mutate, match):
+    """Issue #11.6: they were accepted and copied into every plan written from this one."""
+    d = mutate(copy.deepcopy(plan_dict()))
+    with pytest.raises(PlanError) as ei:
+        load_text(tmp_path, d)
+    msg = one_line(ei)
+    assert match in msg and str(tmp_path / "plan.yaml") in msg, msg
+
+
+def test_a_plans_policy_may_be_partial_or_missing(tmp_path):
+    for policy in (None, {}, {"attention_min_seq": 4096}):
+        d = copy.deepcopy(plan_dict())
+        d["policy"] = policy
+        assert load_text(tmp_path, d).policy == (policy or {})
+
+
+@pytest.mark.parametrize(
     "text,match",
     [
         ("version: [1\n", "line"),
