@@ -12,14 +12,15 @@ torch.Size([64, 256])
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from .errors import PxError
-from .passes.budget import plan_schema
+from .errors import PxError, TraceError
+from .passes.budget import check_args, plan_schema
 from .passes.mapping import CostModel
 from .passes.rewrite import (
     RewriteResult,
@@ -51,6 +52,76 @@ def _inputs(model: nn.Module, example_inputs: Inputs | None) -> Inputs:
     )
 
 
+INITS = ("dense", "scratch")
+
+
+def check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise PxError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def check_init(init: Any) -> None:
+    if init not in INITS:
+        raise PxError(f"init must be 'dense' or 'scratch', got {init!r}")
+
+
+def policy_arg(policy: Any) -> Policy | None:
+    """``policy`` as a Policy (a dict is parsed); anything else is a one-line PxError."""
+    if policy is None or isinstance(policy, Policy):
+        return policy
+    if isinstance(policy, dict):
+        return Policy.from_dict(policy)
+    raise PxError(f"policy must be a Policy, a dict or None, got {type(policy).__name__}")
+
+
+def check_inputs(model: nn.Module, example_inputs: Inputs, name: str | None = None) -> None:
+    """Run ``model`` once on ``example_inputs`` (no grad; buffers, train flags and the RNG put
+    back): inputs that do not fit the model are a one-line TraceError now, rather than a
+    traceback from inside tracing or a compiled model that cannot run."""
+    name = name or type(model).__name__
+    bufs = [
+        (m, k, b, b.detach().clone())
+        for m in model.modules()
+        for k, b in m._buffers.items()
+        if b is not None
+    ]
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            call(model, example_inputs)
+    except Exception as e:  # noqa: BLE001 - whatever the forward raises, the inputs don't fit
+        raise TraceError(f"{name}: {_input_mismatch(model, example_inputs, e)}") from None
+    finally:
+        with torch.no_grad():
+            for m, k, b, saved in bufs:
+                m._buffers[k] = b
+                if b.shape == saved.shape:
+                    b.copy_(saved)
+        for m, training in flags:
+            m.training = training
+
+
+def _input_mismatch(model: nn.Module, example_inputs: Inputs, e: Exception) -> str:
+    """Why the forward failed on the example inputs, in one line; a dtype mismatch between
+    the floating-point inputs and the parameters is said as such."""
+    args, kwargs = _as_args(example_inputs)
+    leaves = [*args, *kwargs.values()]
+    got = {t.dtype for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    want = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if got and len(want) == 1 and not got & want:
+        names = sorted(str(d).removeprefix("torch.") for d in got)
+        wname = str(next(iter(want))).removeprefix("torch.")
+        return (
+            f"example inputs are {', '.join(names)} but the model's parameters are {wname}: "
+            f"cast the inputs (x.to(torch.{wname})) or the model (model.to(torch.{names[0]}))"
+        )
+    msg = str(e).strip().splitlines()
+    first = msg[0] if msg else ""
+    if len(first) > 200:
+        first = first[:197] + "..."
+    return f"the model fails on its example inputs: {type(e).__name__}: {first}"
+
+
 def _as_args(inputs: Inputs) -> tuple[tuple, dict]:
     if isinstance(inputs, dict):
         return (), dict(inputs)
@@ -79,7 +150,10 @@ def trace(
         >>> [g.name for g in t.schema.gemms]          # doctest: +SKIP
         ['0', '2']
     """
-    return _trace(model, _inputs(model, example_inputs), name=name, progress=progress)
+    check_model(model)
+    example_inputs = _inputs(model, example_inputs)
+    check_inputs(model, example_inputs, name)
+    return _trace(model, example_inputs, name=name, progress=progress)
 
 
 def plan(
@@ -99,14 +173,19 @@ def plan(
         >>> p.summary.eligible_fraction <= 0.3                                            # doctest: +SKIP
         True
     """
+    check_args(budget, block)
+    policy = policy_arg(policy)
+    if not isinstance(model_or_schema, nn.Module | ModelSchema | TraceResult):
+        raise PxError(
+            "plan() takes an nn.Module, a ModelSchema or a TraceResult, "
+            f"got {type(model_or_schema).__name__}"
+        )
     model: nn.Module | None = None
     if isinstance(model_or_schema, nn.Module):
         model = model_or_schema
         model_or_schema = trace(model, example_inputs)
     if isinstance(model_or_schema, TraceResult):
         return _plan_traced(model, model_or_schema, budget, block, policy, cost_model, strict)
-    if isinstance(policy, dict):
-        policy = Policy.from_dict(policy)
     return plan_schema(model_or_schema, budget, block, policy, cost_model, strict=strict)
 
 
@@ -120,8 +199,7 @@ def _plan_traced(
     strict: bool = False,
 ) -> Plan:
     """Plan a traced model; GEMMs the rewrite can't reach stay dense and say why."""
-    if isinstance(policy, dict):
-        policy = Policy.from_dict(policy)
+    policy = policy_arg(policy)
     forced = {}
     for name, b in traced.bindings.items():
         why = rewritable(b, model, traced.method)
@@ -152,6 +230,10 @@ def apply(
     Example:
         >>> gm = pxcompile.apply(model, p, (x,))      # doctest: +SKIP
     """
+    check_model(model)
+    check_init(init)
+    if not isinstance(plan, Plan):
+        raise PxError(f"apply() takes a Plan, got {type(plan).__name__} (Plan.load reads a file)")
     if traced is None:
         traced = trace(model, example_inputs, progress=progress)
     res: RewriteResult = rewrite(model, traced, plan, init=init, inplace=inplace, progress=progress)
@@ -169,7 +251,7 @@ def sparsify(
     block: int = 32,
     example_inputs: Inputs | None = None,
     policy: Policy | dict | None = None,
-    plan: Plan | str | None = None,
+    plan: Plan | str | os.PathLike | None = None,
     inplace: bool = False,
     init: str = "dense",
     progress: ProgressFn | None = None,
@@ -184,15 +266,24 @@ def sparsify(
         >>> gm = pxcompile.sparsify(model, 0.3, example_inputs=(x,))   # doctest: +SKIP
         >>> loss = gm(x).pow(2).mean(); loss.backward()                # doctest: +SKIP
     """
-    example_inputs = _inputs(model, example_inputs)
-    traced = trace(model, example_inputs, progress=progress)
+    # Every argument is checked before the (slow) trace.
+    check_model(model)
+    check_init(init)
+    policy = policy_arg(policy)
     if plan is None:
         if budget is None:
             raise PxError("give a budget or a plan")
-        the_plan = _plan_traced(model, traced, budget, block, policy)
+        check_args(budget, block)
+    elif isinstance(plan, str | os.PathLike):
+        plan = Plan.load(plan)
+    elif not isinstance(plan, Plan):
+        raise PxError(f"plan must be a Plan or a plan file's path, got {type(plan).__name__}")
+    example_inputs = _inputs(model, example_inputs)
+    traced = trace(model, example_inputs, progress=progress)
+    if plan is None:
+        the_plan = _plan_traced(model, traced, budget, block, policy)  # type: ignore[arg-type]
     else:
-        the_plan = Plan.load(plan) if isinstance(plan, str) else plan
-        the_plan = the_plan.check_against(traced.schema)
+        the_plan = plan.check_against(traced.schema)
     return apply(
         model,
         the_plan,

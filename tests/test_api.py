@@ -262,3 +262,79 @@ def test_layers_whose_owner_reads_their_weight_stay_dense():
     plan = api.plan(model, 0.3, 32, example_inputs=(torch.randn(4, 256),))
     assert not plan["0.fc"].sparse and "Block.forward reads fc.weight" in plan["0.fc"].reason
     assert plan["1"].sparse
+
+
+# -- arguments are checked before any work; inputs that don't fit are one line (issue #11.5) ---
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"policy": 42}, "policy must be a Policy, a dict or None, got int"),
+        ({"policy": {"bogus": 1}}, "unknown key 'bogus'"),
+        ({"init": "bogus"}, "init must be 'dense' or 'scratch', got 'bogus'"),
+        ({"plan": 3}, "plan must be a Plan or a plan file's path, got int"),
+        ({"budget": 7}, "budget must be in (0, 1], got 7"),
+        ({"block": 48}, "block must be a power of two, got 48"),
+    ],
+)
+def test_sparsify_checks_its_arguments_before_tracing(monkeypatch, kwargs, match):
+    def no_trace(*a, **k):
+        raise AssertionError("traced before the arguments were checked")
+
+    monkeypatch.setattr(api, "_trace", no_trace)
+    with pytest.raises(PxError) as ei:
+        pxcompile.sparsify(_mlp(), **{"example_inputs": (torch.randn(4, 128),), **kwargs})
+    assert match in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_the_model_must_be_a_module():
+    x = torch.randn(4, 128)
+    calls = [
+        lambda: pxcompile.sparsify(lambda t: t, 0.3, example_inputs=(x,)),
+        lambda: pxcompile.trace(lambda t: t, (x,)),
+        lambda: pxcompile.plan("model.py", 0.3),
+    ]
+    for call in calls:
+        with pytest.raises(PxError, match="Module"):
+            call()
+    with pytest.raises(PxError, match="apply\\(\\) takes a Plan, got str"):
+        pxcompile.apply(_mlp(), "plan.yaml", (x,))
+    with pytest.raises(PxError, match="init must be"):
+        pxcompile.apply(_mlp(), "plan.yaml", (x,), init="bogus")
+
+
+def test_inputs_of_the_wrong_shape_are_one_line_and_print_nothing(capfd):
+    capfd.readouterr()
+    with pytest.raises(PxError) as ei:
+        pxcompile.sparsify(_mlp(), 0.3, example_inputs=(torch.randn(4, 100),))
+    msg = str(ei.value)
+    assert "\n" not in msg and "fails on its example inputs" in msg
+    assert "mat1 and mat2 shapes cannot be multiplied" in msg
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ShapeProp" not in err
+
+
+def test_float64_inputs_for_a_float32_model_are_refused():
+    """They used to give a compiled model that could not run."""
+    with pytest.raises(PxError) as ei:
+        pxcompile.sparsify(_mlp(), 0.3, example_inputs=(torch.randn(4, 128, dtype=torch.float64),))
+    assert str(ei.value) == (
+        "Sequential: example inputs are float64 but the model's parameters are float32: cast "
+        "the inputs (x.to(torch.float32)) or the model (model.to(torch.float64))"
+    )
+
+
+def test_checking_the_inputs_leaves_the_model_as_it_was():
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Dropout(0.5)).train()
+    model[2].eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(8, 64)
+    rng = torch.random.get_rng_state()
+    api.check_inputs(model, (x,))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert model.training and model[1].training and not model[2].training
