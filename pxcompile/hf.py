@@ -298,12 +298,11 @@ class LoadedCausalLMMixin:
     ) -> torch.Tensor:
         """Greedy (or sampled) decoding with :func:`pxcompile.hf.generate`: no KV cache, each
         new token reruns the whole sequence through the stored graph. ``eos_token_id`` and
-        ``pad_token_id`` default to the stored config's, as Hugging Face's ``generate``."""
-        if not self.pxcompile_dynamic_seq:
-            raise PxError(
-                "generate: this model was saved with a fixed sequence length (export could not "
-                "make it dynamic), so it can't run on growing sequences"
-            )
+        ``pad_token_id`` default to the stored config's, as Hugging Face's ``generate``.
+
+        A model saved with a fixed sequence length (``pxcompile_dynamic_seq`` false) runs each
+        step on the sequence padded on the right to that length (causal: the padding changes
+        no earlier logit), so the prompt and the tokens made so far must fit in it."""
         if eos_token_id is None:
             eos_token_id = _config_get(self.config, "eos_token_id")
         if pad_token_id is None:
@@ -325,6 +324,11 @@ class LoadedCausalLMMixin:
         """Call the stored graph with the inputs it was saved with, built from ids / mask."""
         spec = self.pxcompile_inputs or {}
         args, kwargs = spec.get("args") or [], spec.get("kwargs") or {}
+        n = ids.shape[1]
+        if not self.pxcompile_dynamic_seq or not getattr(self, "pxcompile_dynamic_batch", True):
+            ids, mask = self._fixed_shape(
+                ids, mask, args[0] if args else kwargs.get(self.main_input_name)
+            )
         used_mask = False
         if not kwargs and len(args) == 1:
             out = self(ids)  # type: ignore[operator]
@@ -356,7 +360,35 @@ class LoadedCausalLMMixin:
                 "generate: the stored model was saved without attention_mask: save it with "
                 "attention_mask in example_inputs to generate on padded batches"
             )
-        return _logits_of(out)
+        return _logits_of(out)[:, :n]
+
+    def _fixed_shape(
+        self, ids: torch.Tensor, mask: torch.Tensor | None, spec: Any
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``ids`` (and ``mask``) padded on the right to the stored fixed sequence length;
+        a PxError for what the stored shapes can't take."""
+        try:
+            batch, length = (int(d) for d in spec["tensor"]["shape"][:2])
+        except (TypeError, KeyError, ValueError):
+            raise PxError(
+                f"generate: the stored model does not describe its {self.main_input_name!r} input"
+            ) from None
+        if not getattr(self, "pxcompile_dynamic_batch", True) and ids.shape[0] != batch:
+            raise PxError(
+                f"generate: this model was saved for a fixed batch of {batch}, got {ids.shape[0]}"
+            )
+        if self.pxcompile_dynamic_seq:
+            return ids, mask
+        extra = length - ids.shape[1]
+        if extra < 0:
+            raise PxError(
+                f"generate: this model was saved for a fixed length of {length} tokens, which "
+                f"prompt and new tokens run past ({ids.shape[1]} tokens in)"
+            )
+        ids = torch.cat([ids, ids.new_zeros(ids.shape[0], extra)], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], extra)], dim=1)
+        return ids, mask
 
 
 def _config_get(config: Any, key: str) -> Any:

@@ -13,8 +13,12 @@ How a GEMM is reached comes from the trace pass's bindings:
   a new PixelflyLinear submodule (fx path only; otherwise the GEMM stays dense, and says why).
 
 The user's model is deep-copied first unless ``inplace=True``. With an fx trace the result's
-graph is the traced graph (Linear-likes as module calls); a model fx cannot trace comes back as
-a GraphModule whose graph calls the rewritten model as one module.
+graph is the traced graph (Linear-likes as module calls); a model fx cannot trace (Hugging Face
+models) comes back as a :class:`~pxcompile.hf.ModelView`: a GraphModule whose graph calls the
+rewritten model as one module ``model`` and whose unknown public attributes resolve on it, so a
+sparsified Hugging Face model keeps ``generate``, ``config``, ``device``... (it stays a
+GraphModule, as every rewrite result is; ``save_pretrained`` raises, pointing to
+``pxcompile.save``). See :mod:`pxcompile.hf`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import PlanError
+from ..hf import ModelView
 from ..layers import PixelflyLinear
 from ..mha import ProjectedMultiheadAttention, unsupported_reason
 from ..patterns import AttentionSpec
@@ -315,8 +320,10 @@ def _rebuild_fx(
     return fx.GraphModule(gm, graph, class_name=name)
 
 
-def _wrap(target: nn.Module) -> fx.GraphModule:
-    """A GraphModule whose graph calls ``target`` as one module (for models fx can't trace).
+def _wrap(target: nn.Module) -> ModelView:
+    """A GraphModule whose graph calls ``target`` as one module (for models fx can't trace);
+    a :class:`~pxcompile.hf.ModelView`, so ``target``'s own API (``generate``, ``config``)
+    stays reachable on it.
 
     Named parameters are passed by keyword: Hugging Face's forward decorators fill some
     (``use_cache``) themselves and reject them positionally.
@@ -340,4 +347,4 @@ def _wrap(target: nn.Module) -> fx.GraphModule:
     g.output(out)
     root = nn.Module()
     root.model = target
-    return fx.GraphModule(root, g, class_name=type(target).__name__ + "Pixelfly")
+    return ModelView(root, g, class_name=type(target).__name__ + "Pixelfly")
