@@ -342,14 +342,22 @@ def save(module: nn.Module, path: str | Path, example_inputs: Any = None) -> Non
             fixed["use_cache"] = False
     causal = hf_model is not None and is_causal_lm(hf_model)
 
-    ep, dynamic, dynamic_seq = _export(_op_copy(module), args, kwargs, fixed=fixed, seq=causal)
     where = f"save: {type(module).__name__}"
-    _check_fx_graph(ep.graph, where, ExportError)
-    program = _program_json(ep)
-    try:  # never write a file that load() would refuse
-        _check_program(json.loads(program))
-    except (_Unsafe, _Unregistered) as e:
-        raise ExportError(f"{where}: the exported graph has {e}, which a model file may not") from e
+    op_copy = _op_copy(module)
+    for seq in (True, False) if causal else (False,):
+        ep, dynamic, dynamic_seq = _export(op_copy, args, kwargs, fixed=fixed, seq=seq)
+        try:  # never write a file that load() would refuse
+            _check_fx_graph(ep.graph, where, ExportError)
+            program = _program_json(ep)
+            _check_program(json.loads(program))
+            break
+        except (_Unsafe, _Unregistered, ExportError) as e:
+            if dynamic_seq:
+                continue  # what the dynamic sequence adds is refused: a fixed length then
+            if isinstance(e, ExportError):
+                raise
+            msg = f"{where}: the exported graph has {e}, which a model file may not"
+            raise ExportError(msg) from e
 
     tensors: list[dict] = []
     blobs: list[tuple[str, torch.Tensor]] = []
