@@ -92,13 +92,12 @@ def load_model_file(
 
 
 def check_inputs(model: nn.Module, inputs: Any, where: str) -> None:
-    """Run the model once on the inputs: a clear error now beats a confusing trace failure."""
-    from .api import call
+    """Run the model once on the inputs (state put back): a clear error now beats a confusing
+    trace failure."""
+    from .api import check_inputs as check
+    from .errors import TraceError
 
     try:
-        with torch.no_grad():
-            call(model, inputs)
-    except Exception as e:
-        raise ModelFileError(
-            f"{where}: the model fails on its example inputs: {_first_line(e)}"
-        ) from None
+        check(model, inputs, where)
+    except TraceError as e:
+        raise ModelFileError(str(e)) from None
