@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from pxcompile.nn.weight import WeightViews
 from pxcompile.patterns import PatternSpec, block_mask
 
 __all__ = [
@@ -507,12 +508,17 @@ class _PixelflyFn(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-class PixelflyLinear(nn.Module):
+class PixelflyLinear(WeightViews, nn.Module):
     """Linear layer ``y = x B^T + (x V^T) U^T + bias`` with ``B`` a flat block butterfly.
 
     Only the kept blocks of ``B`` are stored (``self.blocks``, layout in the module docstring);
     there is no dense ``[out, in]`` parameter. ``spec`` must fit the weight exactly
     (``spec.misfit(out, in, spec.pattern_block) is None``), else ``ValueError``.
+
+    ``weight`` (read-only) is a :class:`~pxcompile.nn.weight.PixelflyWeight`: code written
+    for ``nn.Linear`` that reads ``self.fc.weight.dtype`` or calls ``F.linear(x,
+    self.fc.weight, b)`` keeps working, and its GEMMs run this layer's kernel
+    (:meth:`linear`).
     """
 
     def __init__(
@@ -703,6 +709,11 @@ class PixelflyLinear(nn.Module):
         ``TILE_ROWS``) above that count. With autograd, a hand-written
         :class:`torch.autograd.Function` runs the backward; without, the body runs directly.
         """
+        return self.linear(x, self.bias)
+
+    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """:meth:`forward` with ``bias`` (``[out]`` or None) instead of the layer's own: what
+        ``F.linear(x, self.weight, bias)`` runs (Swin passes a copy of the bias, edited)."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected last dim {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
@@ -716,7 +727,7 @@ class PixelflyLinear(nn.Module):
         path = self.path or self.choose_path(m)
         if path not in ("eager", "compiled"):
             raise ValueError(f"unknown path {path!r}")
-        args = (x2, self.blocks, self.lowrank_u, self.lowrank_v, self.bias)
+        args = (x2, self.blocks, self.lowrank_u, self.lowrank_v, bias)
         cfg = (self.gather_index, self.cell_index, self.layout.mode, self.layout.f1, tile)
         if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
             y = _PixelflyFn.apply(*args, *cfg, path == "compiled")

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import PixelflyLinear
+from .nn.weight import WeightViews
 from .patterns import PatternSpec
 
 __all__ = [
@@ -229,9 +230,10 @@ def spec_args(layer: PixelflyLinear) -> tuple[int, int, int, int, int, int]:
     )
 
 
-class PixelflyOp(nn.Module):
+class PixelflyOp(WeightViews, nn.Module):
     """Calls the op with a PixelflyLinear's own parameters (shared, not copied): the stand-in
-    for the layer when a model is exported."""
+    for the layer when a model is exported. Its ``weight`` works as the layer's does
+    (:class:`~pxcompile.nn.weight.PixelflyWeight`), its GEMMs calling the op."""
 
     def __init__(self, layer: PixelflyLinear) -> None:
         super().__init__()
@@ -240,11 +242,30 @@ class PixelflyOp(nn.Module):
         self.lowrank_v = layer.lowrank_v
         self.bias = layer.bias
         self.cfg = spec_args(layer)
+        self.weight_transposed = layer.weight_transposed
+
+    @property
+    def in_features(self) -> int:
+        return self.cfg[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.cfg[1]
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x, self.bias)
+
+    def linear(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """The op on ``x`` with ``bias`` instead of the layer's own."""
         return torch.ops.pxcompile.pixelfly_linear(
-            x, self.blocks, self.lowrank_u, self.lowrank_v, self.bias, *self.cfg
+            x, self.blocks, self.lowrank_u, self.lowrank_v, bias, *self.cfg
         )
+
+    def dense_weight(self) -> Tensor:
+        """``B + U V^T`` as a dense ``[out, in]`` tensor, differentiable: the op applied to
+        the identity (for a weight's rare dense uses only)."""
+        eye = torch.eye(self.in_features, dtype=self.blocks.dtype, device=self.blocks.device)
+        return self.linear(eye, None).t()
 
     def extra_repr(self) -> str:
         return "in={}, out={}, butterfly={}, factors={}, pattern_block={}, rank={}".format(

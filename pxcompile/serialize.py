@@ -106,6 +106,7 @@ from .hf import (
 )
 from .io import OutputSet, atomic_write
 from .layers import PixelflyLinear
+from .nn.weight import PixelflyWeight
 from .ops import PixelflyAttentionOp, PixelflyOp
 from .plans import Plan
 from .serialize_check import DTYPE_NAMES as _DTYPE_NAMES
@@ -208,13 +209,21 @@ def _op_copy(module: nn.Module) -> nn.Module:
     m = copy.deepcopy(module)
     if isinstance(m, PixelflyLinear):
         return PixelflyOp(m).eval()
+    ops: dict[int, PixelflyOp] = {}
     for name, sub in list(m.named_modules(remove_duplicate=False)):
         if isinstance(sub, PixelflyLinear):
             parent, _, child = name.rpartition(".")
-            setattr(m.get_submodule(parent), child, PixelflyOp(sub))
+            ops[id(sub)] = PixelflyOp(sub)
+            setattr(m.get_submodule(parent), child, ops[id(sub)])
         elif isinstance(sub, PixelflyAttention) and name:
             parent, _, child = name.rpartition(".")
             setattr(m.get_submodule(parent), child, PixelflyAttentionOp(sub))
+    # A bare parameter the rewrite replaced is a PixelflyWeight attribute of its owner: it
+    # must call the op too.
+    for sub in m.modules():
+        for key, val in list(vars(sub).items()):
+            if isinstance(val, PixelflyWeight) and id(val.layer) in ops:
+                sub.__dict__[key] = ops[id(val.layer)].weight_view(val.transposed)
     return m.eval()
 
 
