@@ -133,11 +133,13 @@ _DTYPE_NAMES = {
 
 def _check_config(d: Any, path: str, depth: int = 0) -> None:
     """transformers turns a config's ``dtype`` string into ``getattr(torch, dtype)``: only
-    dtype names get there."""
+    dtype names get there. Keys become attributes of the config: no dunder names."""
     if depth > 20:
         raise ModelFileError(f"{path}: corrupt file: the Hugging Face config nests too deep")
     if isinstance(d, dict):
         for k, v in d.items():
+            if not isinstance(k, str) or k.startswith("__"):
+                raise ModelFileError(f"{path}: corrupt file: config key {str(k)[:40]!r}")
             if k in ("dtype", "torch_dtype") and isinstance(v, str) and v not in _DTYPE_NAMES:
                 raise ModelFileError(f"{path}: corrupt file: config {k} {v[:40]!r}")
             _check_config(v, path, depth + 1)

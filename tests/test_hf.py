@@ -174,6 +174,8 @@ def test_stored_config_dtype_must_name_a_dtype():
         hf.read_hf_header(nested, "m.px")
     with pytest.raises(ModelFileError):
         hf.read_hf_header({"hf": {"config": "not a dict"}}, "m.px")
+    with pytest.raises(ModelFileError):  # keys become the config's attributes
+        hf.read_hf_header({"hf": {"config": {"a": {"__dict__": {}}}}}, "m.px")
     assert hf.read_hf_header({}, "m.px") is None
     ok = {"hf": {"model_type": "gpt2", "config": {"dtype": "float32"}}}
     assert hf.read_hf_header(ok, "m.px") is ok["hf"]
