@@ -733,7 +733,11 @@ class PixelflyLinear(WeightViews, nn.Module):
             y = _PixelflyFn.apply(*args, *cfg, path == "compiled")
         else:  # inference: no autograd.Function, nothing saved
             y = _fwd_body(*args, *cfg, False, path == "compiled")[0]
-        return y.view(*lead, self.out_features)
+        if len(lead) == 1:
+            return y
+        # Not a view (``_base`` is None): FSDP2 hooks on a view would be dropped by an
+        # in-place op on it, and it warns. ``y`` is fresh, so nothing aliases it.
+        return torch.ops.aten._unsafe_view(y, (*lead, self.out_features))
 
 
 def _xor_keep(n: int, factors: int) -> np.ndarray:

@@ -81,6 +81,51 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _fsdp2_worker(rank: int, world: int, port: int, out: str) -> None:
+    import warnings
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        gm = _compiled(seed=0)  # FSDP shards what each rank holds: same init everywhere
+        with warnings.catch_warnings():
+            # FSDP2 warns when a module returns a view of its input or its workspace (an
+            # in-place op on it would skip FSDP's hooks): PixelflyLinear must not.
+            warnings.simplefilter("error")
+            for m in gm.modules():
+                if isinstance(m, PixelflyLinear):
+                    fully_shard(m, mesh=mesh)
+            fully_shard(gm, mesh=mesh)
+            _train(gm, STEPS + 1, rank, world)
+        state = {k: v.full_tensor().detach().clone() for k, v in gm.state_dict().items()}
+        if rank == 0:
+            torch.save(state, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_one_process(tmp_path):
+    """FSDP2 (``fully_shard`` per sparse layer and on the root, gloo, 2 processes, half the
+    batch each) trains exactly like one process on the whole batch."""
+    out = str(tmp_path / "fsdp.pt")
+    mp.spawn(_fsdp2_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    got = torch.load(out)
+    ref = _compiled(seed=0)
+    _train(ref, STEPS + 1)
+    want = ref.state_dict()
+    assert set(got) == set(want)
+    for k, w in want.items():
+        torch.testing.assert_close(got[k], w, rtol=0, atol=1e-5, msg=k)
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_match_one_process(tmp_path):
     out = str(tmp_path / "ddp.pt")
