@@ -258,3 +258,28 @@ class CatWeights(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, torch.cat([self.wq, self.wk]))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as timm writes it: not a torch.nn module (fx traces into it) and it
+    branches on ``self.training``, so an fx graph bakes one mode's branch in."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], 1).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class StochasticDepthMLP(nn.Module):
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(128, 256), nn.Linear(256, 128)
+        self.drop_path = DropPath(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.fc2(torch.relu(self.fc1(x))))

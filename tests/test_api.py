@@ -338,3 +338,27 @@ def test_checking_the_inputs_leaves_the_model_as_it_was():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert model.training and model[1].training and not model[2].training
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_stochastic_depth_follows_the_mode_the_compiled_model_runs_in(training):
+    # fx would bake the traced mode's DropPath branch into the graph: in eval mode a
+    # train-traced model kept dropping paths, and a model traced in eval never dropped any.
+    from models_zoo import StochasticDepthMLP
+
+    torch.manual_seed(0)
+    model = StochasticDepthMLP().train(training)
+    x = torch.randn(16, 128)
+    traced = api.trace(model, (x,))
+    gm = pxcompile.sparsify(model, 0.3, block=32, example_inputs=(x,))
+    assert gm.pxcompile_layers and gm.training == training
+    ref = api.masked_dense_reference(model, gm, traced)
+    with torch.no_grad():
+        plain = x + ref.fc2(torch.relu(ref.fc1(x)))  # no path dropped
+        for mode in (False, True):
+            torch.manual_seed(1)
+            want = ref.train(mode)(x)
+            torch.manual_seed(1)
+            got = gm.train(mode)(x)
+            assert torch.allclose(want, plain) != mode  # train mode drops paths, eval doesn't
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max()

@@ -15,6 +15,7 @@ from models_zoo import (
     FunctionalLinear,
     MLPMixer,
     Reused,
+    StochasticDepthMLP,
     TensordotModel,
     ViTMHA,
     ViTSDPA,
@@ -430,3 +431,18 @@ def test_name_and_meta():
 )
 def test_classify(path, expected):
     assert classify(path) == expected
+
+
+# ---------------------------------------------------------------------------------------
+# mode-dependent graphs
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("training", [True, False])
+def test_a_graph_that_differs_in_train_and_eval_mode_is_not_kept(training):
+    from pxcompile.passes.trace import MODE_NOTE
+
+    model = StochasticDepthMLP().train(training)
+    r = traced(model, torch.randn(8, 128))  # modes and attributes put back
+    assert r.method == "fx" and r.graph_module is None and MODE_NOTE in r.notes
+    assert {g.name for g in r.schema} == {"fc1", "fc2"}
+    plain = traced(StochasticDepthMLP(0.0).train(training), torch.randn(8, 128))
+    assert plain.graph_module is not None and MODE_NOTE not in plain.notes

@@ -40,6 +40,7 @@ Shapes and counts are described in :mod:`.sites`, naming in :mod:`.analyzer`, la
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -49,7 +50,7 @@ from torch.utils import _pytree as pytree
 
 from ...errors import TraceError
 from .capture_export import export_analyze
-from .capture_fx import fx_analyze
+from .capture_fx import depends_on_mode, fx_analyze
 from .layer_types import classify, is_linear_like
 from .result import AttentionSite, GemmBinding, TraceResult
 from .sites import (
@@ -76,6 +77,11 @@ __all__ = [
 ]
 
 YAML_HINT = "write a YAML schema (start from `pxcompile trace model.py -o schema.yaml`)"
+MODE_NOTE = (
+    "the fx graph differs in train and eval mode (code branching on self.training was traced "
+    "through): the rewrite keeps the model's own forward"
+)
+MODE_SDPA = "an SDPA call in a model whose fx graph differs in train and eval mode"
 
 
 # ---------------------------------------------------------------------------------------
@@ -176,6 +182,19 @@ def trace(
         )
         for b in bindings.values():
             b.unsupported = weight_read_by_owner(model, b)
+        mode_bound = False
+        if gm is not None:
+            with preserved(model, leaves):
+                mode_bound = depends_on_mode(model, gm.graph, args, kwargs)
+        if mode_bound:
+            # The rewrite runs the model's own forward (its modes live) instead of a graph
+            # that would apply one mode's dropout/stochastic depth in both.
+            gm = None
+            notes.append(MODE_NOTE)
+            attention = {
+                k: replace(v, unsupported=v.unsupported or MODE_SDPA) if v.via == "sdpa" else v
+                for k, v in attention.items()
+            }
         if is_hf_model(model):
             why = hf_attention_unsupported(model)
             attention = {k: AttentionSite("hf", v.nodes, why) for k, v in attention.items()}

@@ -4,6 +4,7 @@ the coverage recorder, and the analysis of the fx graph into sites."""
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 import torch.fx as fx
@@ -220,3 +221,30 @@ def _fx_mha_sites(an: Analyzer, node: fx.Node, m: nn.MultiheadAttention) -> None
             is_mha=True,
         )
     )
+
+
+def depends_on_mode(model: nn.Module, graph: fx.Graph, args: tuple, kwargs: dict) -> bool:
+    """Whether ``model`` traced with every module's train/eval mode flipped gives another
+    graph than ``graph``: code that branches on ``self.training`` (stochastic depth such as
+    timm's ``DropPath``, ``F.dropout(x, p, self.training)``) was traced through and its branch
+    baked in, so ``graph`` is right in one mode only. The modes are put back."""
+    _, concrete = _signature_values(model, args, kwargs)
+    modes = [(m, m.training) for m in model.modules()]
+    attrs = set(vars(model))
+    try:
+        for m, training in modes:
+            m.training = not training
+        other = _LeafTracer().trace(model, concrete_args=concrete or None)
+    except Exception:  # noqa: BLE001 - traces in one mode only: that graph is mode-bound too
+        return True
+    finally:
+        for m, training in modes:
+            m.training = training
+        for k in set(vars(model)) - attrs:  # constants fx lifted onto the model for this graph
+            delattr(model, k)
+    # fx numbers the constant tensors it lifts on from those an earlier trace left on the model
+    return _code(other) != _code(graph)
+
+
+def _code(graph: fx.Graph) -> str:
+    return re.sub(r"_tensor_constant\d+", "_tensor_constant", graph.python_code("self").src)
