@@ -29,6 +29,7 @@ from .passes.rewrite import (
     install_attention,
     rewritable,
     rewrite,
+    weight_target,
 )
 from .passes.trace import TraceResult
 from .passes.trace import trace as _trace
@@ -304,12 +305,12 @@ def masked_dense_reference(
     ref = copy.deepcopy(original)
     with torch.no_grad():
         for name, path in compiled.pxcompile_layers.items():
-            b = traced.bindings[name]
-            w = compiled.get_submodule(path).dense_weight()
-            p = ref.get_parameter(b.weight)
-            p.copy_(w.t() if b.kind == "conv1d" else w)
-            if b.bias is not None:
-                ref.get_parameter(b.bias).copy_(compiled.get_submodule(path).bias)
+            t = weight_target(ref, traced.bindings[name])
+            layer = compiled.get_submodule(path)
+            w = layer.dense_weight()
+            ref.get_parameter(t.weight).copy_(w.t() if t.transposed else w)
+            if t.bias is not None:
+                ref.get_parameter(t.bias).copy_(layer.bias)
     plan = compiled.pxcompile_plan
     calls = attention_calls(plan, traced, ref)
     if calls is not None:

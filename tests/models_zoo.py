@@ -260,6 +260,74 @@ class CatWeights(nn.Module):
         return F.linear(x, torch.cat([self.wq, self.wk]))
 
 
+class FunctionalForms(nn.Module):
+    """A Linear used through its ``.weight`` and a bare parameter ``w`` used through one GEMM
+    form (``form``); ``traceable=False`` branches on a shape, which fx can't trace (torch.export
+    can: shapes are static there)."""
+
+    FORMS = ("linear", "matmul_op", "matmul_t", "einsum_io", "einsum_oi", "addmm", "w_first")
+    STORED_IN_OUT = ("matmul_op", "einsum_io", "addmm")  # w is [in, out] for these
+
+    def __init__(self, form: str, traceable: bool = True, dim: int = 64) -> None:
+        super().__init__()
+        self.form, self.traceable, self.dim = form, traceable, dim
+        self.lin = nn.Linear(dim, dim)
+        shape = (dim, 2 * dim) if form in self.STORED_IN_OUT else (2 * dim, dim)
+        self.w = nn.Parameter(torch.randn(shape) / dim**0.5)
+        self.b = nn.Parameter(torch.randn(2 * dim) * 0.1)
+        self.proj = nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.traceable and x.shape[0] > 0:
+            x = x * 1.0
+        h = F.linear(x, self.lin.weight, self.lin.bias)
+        f, w = self.form, self.w
+        if f == "linear":
+            y = F.linear(h, w, self.b)
+        elif f == "matmul_op":
+            y = h @ w
+        elif f == "matmul_t":
+            y = torch.matmul(h, w.t())
+        elif f == "einsum_io":
+            y = torch.einsum("bsi,io->bso", h, w)
+        elif f == "einsum_oi":
+            y = torch.einsum("...i,oi->...o", h, w)
+        elif f == "addmm":
+            y = torch.addmm(self.b, h.reshape(-1, self.dim), w).view(h.shape[0], h.shape[1], -1)
+        else:  # "w_first"
+            y = (w @ h.mT).mT
+        return self.proj(torch.relu(y))
+
+
+class NormedWeight(nn.Module):
+    """``x @ w / ||w||``: a weight used in a GEMM and densely (its norm); ``v`` only has its
+    ``dtype`` and ``shape`` read besides its GEMM, which is not a dense use."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(dim, dim) / dim**0.5)
+        self.v = nn.Parameter(torch.randn(dim, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = (x.to(self.v.dtype) @ self.v) * self.v.shape[0] ** -0.5
+        return y + (x @ self.w) / self.w.norm()
+
+
+class DenseUse(nn.Module):
+    """A NormedWeight block; ``traceable=False`` branches on a shape (fx can't trace it)."""
+
+    def __init__(self, dim: int = 64, traceable: bool = True) -> None:
+        super().__init__()
+        self.traceable = traceable
+        self.block = NormedWeight(dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.traceable and x.shape[0] > 0:
+            x = x * 1.0
+        return self.proj(self.block(x))
+
+
 class DropPath(nn.Module):
     """Stochastic depth as timm writes it: not a torch.nn module (fx traces into it) and it
     branches on ``self.training``, so an fx graph bakes one mode's branch in."""

@@ -11,7 +11,9 @@ from models_zoo import (
     BNModel,
     CatWeights,
     DataDependent,
+    DenseUse,
     EinsumModel,
+    FunctionalForms,
     FunctionalLinear,
     MLPMixer,
     Reused,
@@ -221,6 +223,47 @@ def test_einsum_weight():
     assert r.method == "fx" and weight_names(r) == {"fc", "w"}
     w = r.schema["w"]
     assert (w.in_features, w.out_features, w.rows) == (8, 6, 10)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_weight_orientation_and_dense_uses(method):
+    x = torch.randn(2, 8, 64)
+    for form in FunctionalForms.FORMS:
+        r = trace(FunctionalForms(form), x, method=method)
+        w = r.bindings["w"]
+        assert w.transposed == (form in FunctionalForms.STORED_IN_OUT), form
+        assert w.unsupported is None and r.bindings["lin"].unsupported is None, form
+        assert (r.schema["w"].in_features, r.schema["w"].out_features) == (64, 128), form
+    r = trace(DenseUse(), x, method=method)
+    assert r.bindings["block.w"].unsupported == "weight used densely by norm in block"
+    assert r.bindings["block.v"].unsupported is None  # .dtype and .shape reads
+
+
+def test_owner_reading_a_linear_weight_is_not_a_dense_use():
+    class Block(nn.Module):  # Hugging Face T5's T5DenseActDense does this
+        def __init__(self):
+            super().__init__()
+            self.wo = nn.Linear(16, 16)
+
+        def forward(self, x):
+            if isinstance(self.wo.weight, torch.Tensor) and x.dtype != self.wo.weight.dtype:
+                x = x.to(self.wo.weight.dtype)
+            return self.wo(x)
+
+    r = traced(nn.Sequential(Block()), torch.randn(2, 16))
+    assert r.bindings["0.wo"].unsupported is None and not r.bindings["0.wo"].transposed
+
+
+def test_mha_weights_are_not_dense_uses():
+    for method in ("fx", "export"):
+        r = trace(ViTMHA(), torch.randn(2, 16, 48), method=method)
+        assert all(b.unsupported is None for b in r.bindings.values()), method
+
+
+def test_einsum_with_ellipsis_is_read_by_fx():
+    r = traced(FunctionalForms("einsum_oi"), torch.randn(2, 8, 64))
+    assert r.method == "fx" and "w" in weight_names(r)
+    assert not [n for n in r.notes if "einsum" in n]
 
 
 def test_coverage_check_falls_back_to_export():

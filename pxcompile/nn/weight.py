@@ -170,6 +170,10 @@ class PixelflyWeight(Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if not kwargs:  # the common GEMMs, checked inline (a few microseconds per call)
+            out = _fast_gemm(cls, func, args)
+            if out is not None:
+                return out
         kwargs = kwargs or {}
         use = weight_use(func, args, kwargs, _orientation)
         if use.kind == "meta":
@@ -198,6 +202,41 @@ class PixelflyWeight(Tensor):
             f"a PixelflyWeight reached {func} with torch functions disabled; use the layer "
             "(or its dense_weight()) instead"
         )
+
+
+_LINEAR = torch.nn.functional.linear
+_MATMULS = {torch.matmul, Tensor.matmul, Tensor.__matmul__}
+_FLIPS = {torch.t, Tensor.t, Tensor.T.__get__, Tensor.mT.__get__}
+
+
+def _fast_gemm(cls: type, func: Any, args: tuple) -> Tensor | None:
+    """``F.linear(x, W[, b])``, ``x @ W.t()`` in the layer's orientation and ``W.t()`` itself,
+    the same as :func:`~pxcompile.nn.weight_use.weight_use` would run them, without its
+    generality; None for anything else."""
+    if func in _FLIPS and len(args) == 1:
+        return args[0].layer.weight_view(not args[0].transposed)
+    if func is _LINEAR and 2 <= len(args) <= 3:
+        x, w = args[0], args[1]
+        b = args[2] if len(args) == 3 else None
+        if w.__class__ is not cls or w.transposed:
+            return None
+        lay = w.layer
+        if b is not None and (b.__class__ is cls or b.dim() != 1 or b.shape[0] != lay.out_features):
+            return None
+    elif func in _MATMULS and len(args) == 2:
+        x, w = args
+        if w.__class__ is not cls or not w.transposed:
+            return None
+        lay, b = w.layer, None
+    else:
+        return None
+    if x.__class__ is cls or not isinstance(x, Tensor) or x.dim() < 1:
+        return None
+    if x.shape[-1] != lay.in_features:
+        return None
+    if x.dtype != lay.blocks.dtype and not torch.is_autocast_enabled(x.device.type):
+        return None
+    return lay.linear(x, b)
 
 
 def _orientation(t: Any) -> bool | None:

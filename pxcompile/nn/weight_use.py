@@ -130,7 +130,7 @@ def _flip(w: Any, conj: bool = False) -> WeightUse:
     """A transpose of the weight (``conj``: also conjugated, so only for real dtypes)."""
     if conj and w.is_complex():
         return _DENSE
-    run = (lambda: type(w)(w.layer, not w.transposed)) if _is_pw(w) else None
+    run = (lambda: w.layer.weight_view(not w.transposed)) if _is_pw(w) else None
     return WeightUse("view", run=run)
 
 

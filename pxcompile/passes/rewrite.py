@@ -9,8 +9,15 @@ How a GEMM is reached comes from the trace pass's bindings:
 * ``mha_in_proj``: the ``nn.MultiheadAttention`` is swapped for
   :class:`~pxcompile.mha.ProjectedMultiheadAttention`, whose packed in-projection and
   out-projection are modules (sparse or not, each as the plan says);
-* ``functional``: ``F.linear(x, w, b)`` on a parameter, rewritten in the fx graph to a call of
-  a new PixelflyLinear submodule (fx path only; otherwise the GEMM stays dense, and says why).
+* ``functional`` / ``functional_op`` (a weight used through ``F.linear``, ``@``, ``matmul``,
+  ``einsum``, ``addmm``...; :func:`weight_target` says where its layer goes): a weight owned by
+  an ``nn.Linear`` / ``Conv1D`` swaps that module, whose ``.weight`` is then a
+  :class:`~pxcompile.nn.weight.PixelflyWeight` that runs the sparse kernel wherever the model
+  uses it; a bare ``nn.Parameter`` ``<owner>.<w>`` gets a PixelflyLinear ``<owner>.<w>_pixelfly``
+  (built in the orientation its GEMMs take it in), and the attribute ``<owner>.<w>`` becomes
+  that layer's PixelflyWeight. Both work in fx-traced models (the graph reads the weight from
+  the layer) and in models fx can't trace alike. A weight whose dense values the model uses
+  (``w.norm()``, a slice; the trace records it) stays dense, with that reason.
 
 The user's model is deep-copied first unless ``inplace=True``. With an fx trace the result's
 graph is the traced graph (Linear-likes as module calls); a model fx cannot trace (Hugging Face
@@ -29,7 +36,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from ..errors import PlanError
@@ -40,6 +46,7 @@ from ..patterns import AttentionSpec
 from ..plans import LayerPlan, Plan
 from ..policy import DEFAULT_ATTENTION_MIN_SEQ
 from .trace import AttentionSite, GemmBinding, TraceResult, is_hf_model
+from .trace.layer_types import module_kind
 
 ProgressFn = Callable[[str], None]
 
@@ -52,16 +59,17 @@ class RewriteResult:
 
 
 def rewritable(binding: GemmBinding, model: nn.Module | None, method: str) -> str | None:
-    """Why the GEMM behind ``binding`` can't be rewritten (None if it can)."""
-    if binding.kind == "functional" and method != "fx":
-        return "used functionally (F.linear on a parameter) in a model fx cannot trace"
+    """Why the GEMM behind ``binding`` can't be rewritten (None if it can). Every weight is
+    reachable whichever way (``method``: fx or export) the model was traced."""
     owner = None if model is None else _mha_of(model, binding)
     if owner is not None:
         return unsupported_reason(model.get_submodule(owner))
-    if binding.kind == "functional_op":
-        return "weight used in a matmul other than F.linear on the parameter itself"
-    if binding.kind not in ("linear", "conv1d", "mha_in_proj", "functional"):
+    if binding.kind not in ("linear", "conv1d", "mha_in_proj", "functional", "functional_op"):
         return f"no rewrite for GEMMs of kind {binding.kind!r}"
+    if model is not None and binding.kind.startswith("functional"):
+        w = model.get_parameter(binding.weight)
+        if w.dim() != 2:
+            return f"a {w.dim()}-D weight (a stack of matrices) has no Pixelfly layer"
     return binding.unsupported
 
 
@@ -99,13 +107,50 @@ def _mha_of(model: nn.Module, binding: GemmBinding) -> str | None:
     return parent if isinstance(p, nn.MultiheadAttention) else None
 
 
-def _dense_weight(model: nn.Module, b: GemmBinding) -> tuple[torch.Tensor, torch.Tensor | None]:
+@dataclass(frozen=True)
+class WeightTarget:
+    """Where the sparse layer of one weight GEMM goes, and what it replaces."""
+
+    path: str  # the module the layer replaces; for a bare parameter, where the layer is added
+    weight: str  # the dense weight parameter it replaces
+    bias: str | None  # the bias parameter it takes over (None: the layer has no bias)
+    transposed: bool  # the weight is stored [in, out] (the layer is built from its transpose)
+    bare: bool  # a bare nn.Parameter: its attribute becomes the layer's PixelflyWeight
+
+
+def weight_target(model: nn.Module, b: GemmBinding) -> WeightTarget:
+    """Where ``b``'s layer goes in ``model`` (the model as traced, before any rewrite)."""
+    if b.kind in ("linear", "conv1d", "mha_in_proj"):
+        return WeightTarget(b.module, b.weight, b.bias, b.kind == "conv1d", False)
+    owner_path, _, leaf = b.weight.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    kind = module_kind(owner)
+    if leaf == "weight" and kind in ("linear", "conv1d"):  # swap the module itself
+        bias = f"{owner_path}.bias" if getattr(owner, "bias", None) is not None else None
+        return WeightTarget(owner_path, b.weight, bias, kind == "conv1d", False)
+    name, k = f"{leaf}_pixelfly", 1
+    while hasattr(owner, name):
+        name, k = f"{leaf}_pixelfly{k}", k + 1
+    path = f"{owner_path}.{name}" if owner_path else name
+    # The bias (F.linear(x, w, b)) stays where it is: the weight's uses pass it themselves.
+    return WeightTarget(path, b.weight, None, b.transposed, True)
+
+
+def _dense_weight(model: nn.Module, t: WeightTarget) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The GEMM's weight in ``[out, in]`` layout and its bias."""
-    w = model.get_parameter(b.weight)
-    bias = model.get_parameter(b.bias) if b.bias else None
-    if b.kind == "conv1d":
-        w = w.t()
-    return w, bias
+    w = model.get_parameter(t.weight)
+    bias = model.get_parameter(t.bias) if t.bias else None
+    return (w.t() if t.transposed else w), bias
+
+
+def _install_bare(root: nn.Module, t: WeightTarget, layer: PixelflyLinear) -> None:
+    """Add ``layer`` at ``t.path`` and make the parameter's attribute its PixelflyWeight (a
+    plain attribute: the layer holds the parameters)."""
+    owner_path, _, leaf = t.weight.rpartition(".")
+    owner = root.get_submodule(owner_path)
+    owner.add_module(t.path.rpartition(".")[2], layer)
+    delattr(owner, leaf)  # the nn.Parameter
+    setattr(owner, leaf, layer.weight_view(t.transposed))
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -131,6 +176,7 @@ def rewrite(
     sparse: list[LayerPlan] = plan.sparse_weight_layers
     attention = attention_calls(plan, traced, target)
     made: dict[str, PixelflyLinear] = {}
+    targets: dict[str, WeightTarget] = {}
     for k, lp in enumerate(sparse):
         b = traced.bindings.get(lp.name)
         if b is None:
@@ -140,7 +186,8 @@ def rewrite(
             raise PlanError(f"plan: layer {lp.name!r} can't be sparsified: {why}")
         if progress:
             progress(f"rewriting {lp.name} ({k + 1}/{len(sparse)})")
-        w, bias = _dense_weight(target, b)
+        targets[lp.name] = weight_target(target, b)
+        w, bias = _dense_weight(target, targets[lp.name])
         with torch.no_grad():
             layer = PixelflyLinear.from_dense(w, bias, lp.pattern, init=init)
         layer.train(target.training)
@@ -151,7 +198,7 @@ def rewrite(
     # Where each new layer goes, decided before anything is swapped (a swap changes the
     # parents _mha_of looks at). A MultiheadAttention's projections go into its wrapper.
     mhas: dict[str, dict[str, nn.Module]] = {}
-    functional: dict[str, tuple[str, PixelflyLinear]] = {}
+    views: dict[str, tuple[str, bool]] = {}  # weight -> (its layer, transposed): fx get_attrs
     paths: dict[str, str] = {}
     for name, layer in made.items():
         b = traced.bindings[name]
@@ -160,12 +207,15 @@ def rewrite(
             part = "in_proj" if b.kind == "mha_in_proj" else "out_proj"
             mhas.setdefault(owner, {})[part] = layer
             paths[name] = f"{owner}.{part}" if owner else part
-        elif b.kind == "functional":
-            paths[name] = f"pixelfly_{len(paths)}_{b.weight.replace('.', '_')}"
-            functional[b.weight] = (paths[name], layer)
         else:
-            paths[name] = b.module
-            _set_submodule(target, b.module, layer)
+            t = targets[name]
+            paths[name] = t.path
+            views[t.weight] = (t.path, t.transposed)
+            if t.bare:
+                _install_bare(target, t, layer)
+            else:  # its .weight reads as the module's did ([in, out] for Conv1D)
+                layer.weight_transposed = t.transposed
+                _set_submodule(target, t.path, layer)
     for mname, parts in mhas.items():
         mha = target.get_submodule(mname)
         in_proj = parts.get("in_proj") or _packed_linear(mha)
@@ -177,7 +227,7 @@ def rewrite(
         _no_fast_paths(target)
 
     if traced.method == "fx" and traced.graph_module is not None:
-        gm = _rebuild_fx(target, traced.graph_module.graph, functional)
+        gm = _rebuild_fx(target, traced.graph_module.graph, views)
     else:
         gm = _wrap(target)
         paths = {k: f"model.{v}" for k, v in paths.items()}
@@ -297,23 +347,33 @@ def _packed_linear(mha: nn.MultiheadAttention) -> nn.Linear:
 
 
 def _rebuild_fx(
-    root: nn.Module, graph: fx.Graph, functional: dict[str, tuple[str, PixelflyLinear]]
+    root: nn.Module, graph: fx.Graph, views: dict[str, tuple[str, bool]]
 ) -> fx.GraphModule:
+    """The traced graph on the rewritten ``root``. A replaced weight the graph reads
+    (``get_attr``: ``F.linear(x, self.qkv.weight)``, ``x @ self.w``) is read from its layer
+    instead (``layer.weight_view(transposed)``), so the layer, not a copy of the weight
+    object, is what the GraphModule holds (and what its copies and exports see)."""
     name = type(root).__name__ + "Pixelfly"
-    gm = fx.GraphModule(root, copy.deepcopy(graph), class_name=name)
+    graph = copy.deepcopy(graph)
+    last = None
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            last = node
+    layers: dict[str, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "get_attr" or node.target not in views:
+            continue
+        path, transposed = views[node.target]
+        if path not in layers:  # first thing after the inputs: copied whole, before its parts
+            where = graph.inserting_after(last) if last else graph.inserting_before(node)
+            with where:
+                layers[path] = last = graph.get_attr(path)
+        with graph.inserting_before(node):
+            view = graph.call_method("weight_view", (layers[path], transposed))
+        node.replace_all_uses_with(view)
+        graph.erase_node(node)
+    gm = fx.GraphModule(root, graph, class_name=name)
     graph = gm.graph
-    for wname, (sub, layer) in functional.items():
-        gm.add_submodule(sub, layer)
-        for node in list(graph.nodes):
-            if node.op == "call_function" and node.target in (F.linear, torch._C._nn.linear):
-                args = list(node.args) + [None] * (3 - len(node.args))
-                w = node.kwargs.get("weight", args[1])
-                if isinstance(w, fx.Node) and w.op == "get_attr" and w.target == wname:
-                    x = node.kwargs.get("input", args[0])
-                    with graph.inserting_before(node):
-                        new = graph.call_module(sub, (x,))
-                    node.replace_all_uses_with(new)
-                    graph.erase_node(node)
     graph.eliminate_dead_code()
     graph.lint()
     # Rebuilding from itself keeps only what the graph uses: dense weights left unused go.

@@ -15,7 +15,9 @@ How
    a GEMM function (``linear``, ``matmul``, ``mm``, ``addmm``, ``bmm``, ``baddbmm``,
    ``einsum``, ``mv``, ``tensordot``, ``bilinear``, ``multi_head_attention_forward``). If
    the graph analysis did not bind every recorded weight to a GEMM (e.g. ``einsum`` with a
-   weight, a leaf the tracer could not see into), fx is abandoned.
+   weight, a leaf the tracer could not see into), fx is abandoned. The same run records how
+   each weight is used (:mod:`.weight_uses`): the orientation its GEMMs take it in, and any
+   use of its dense values, which keeps it dense with the reason.
 3. **torch.export** (``strict=False``, no ``run_decompositions``, static shapes) is the
    fallback: ``aten.linear`` / ``matmul`` / ``mm`` / ``addmm`` / ``bmm`` / ``baddbmm`` /
    ``scaled_dot_product_attention`` nodes are read with their ``meta['val']`` shapes, and
@@ -61,8 +63,8 @@ from .sites import (
     hf_attention_unsupported,
     is_hf_model,
     preserved,
-    weight_read_by_owner,
 )
+from .weight_uses import WeightUses
 
 __all__ = [
     "AttentionSite",
@@ -171,6 +173,7 @@ def trace(
     notes: list[str] = []
     leaves = pytree.tree_leaves((args, kwargs))
     desc_inputs = _describe_inputs(args, kwargs)
+    uses = WeightUses(params)  # how the coverage run uses each weight
 
     def finish(how: str, sites: list[Site], extra: list[str], gm: fx.GraphModule | None):
         notes.extend(extra)
@@ -180,8 +183,7 @@ def trace(
         schema, bindings, attention = build_schema(
             sites, params, name, how, f"traced with {how} on inputs ({desc_inputs})"
         )
-        for b in bindings.values():
-            b.unsupported = weight_read_by_owner(model, b)
+        uses.apply(bindings, model, schema)
         mode_bound = False
         if gm is not None:
             with preserved(model, leaves):
@@ -213,7 +215,7 @@ def trace(
         say("tracing with torch.fx")
         try:
             with preserved(model, leaves):
-                fx_out = fx_analyze(model, args, kwargs, params)
+                fx_out = fx_analyze(model, args, kwargs, params, uses)
         except Exception as e:  # noqa: BLE001 - any failure means: try export
             errors.append(f"fx failed{_where(e, params)}: {_first_line(e)}")
             notes.append(errors[-1])
@@ -244,7 +246,7 @@ def trace(
         raise fail(errors) from None
     if used is None:  # ground truth from one real run
         try:
-            rec = GemmRecorder(params)
+            rec = GemmRecorder(params, uses.record)
             with preserved(model, leaves), rec:
                 model(*args, **kwargs)
             used = rec.used

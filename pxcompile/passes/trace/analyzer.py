@@ -59,6 +59,25 @@ def _heads_from_modules(params: Params, scope: str, lead: int) -> int | None:
 # ---------------------------------------------------------------------------------------
 # Graph analysis (common to fx and export graphs)
 # ---------------------------------------------------------------------------------------
+def _spell_ellipsis(
+    eq: str, subs: list[str], out: str, shapes: tuple[tuple[int, ...], ...]
+) -> tuple[list[str], str] | None:
+    """An einsum's ``...`` spelled out as letters unused in ``eq``, given the operands'
+    shapes (broadcast dims align right): ``"...i,oi->...o"`` on 3-D x -> ``"ABi,oi->ABo"``."""
+    dims = [len(shp) - (len(s) - 3) for s, shp in zip(subs, shapes) if "..." in s]
+    if not dims or min(dims) < 0:
+        return None
+    free = [c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZ" if c not in eq]
+    ell = "".join(free[: max(dims)])
+    spelled = []
+    for s, shp in zip(subs, shapes):
+        if "..." in s:
+            k = len(shp) - (len(s) - 3)
+            s = s.replace("...", ell[len(ell) - k :])
+        spelled.append(s)
+    return spelled, out.replace("...", ell)
+
+
 class Analyzer:
     """Turns GEMM nodes of an fx graph (torch-level or aten-level) into sites."""
 
@@ -413,7 +432,7 @@ class Analyzer:
         ops = list(node.args[1:])
         if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
             ops = list(ops[0])
-        if not isinstance(eq, str) or len(ops) != 2 or "..." in eq or "->" not in eq:
+        if not isinstance(eq, str) or len(ops) != 2 or "->" not in eq:
             self.notes.append(f"{node.name}: einsum {eq!r} not understood; skipped")
             return
         lhs, out_sub = eq.replace(" ", "").split("->")
@@ -426,6 +445,12 @@ class Analyzer:
         if sa is None or sb is None or so is None or len(subs) != 2:
             self.notes.append(f"{node.name}: einsum shapes unknown; skipped")
             return
+        if "..." in eq:
+            spelled = _spell_ellipsis(eq, subs, out_sub, (sa, sb))
+            if spelled is None:
+                self.notes.append(f"{node.name}: einsum {eq!r} not understood; skipped")
+                return
+            subs, out_sub = spelled
         size = dict(zip(subs[0], sa))
         size.update(zip(subs[1], sb))
         in_f = prod(size[c] for c in subs[1] if c in subs[0] and c not in out_sub)

@@ -14,6 +14,7 @@ from ...errors import TraceError
 from .analyzer import Analyzer
 from .layer_types import is_linear_like, module_kind
 from .sites import GemmRecorder, Params, Site, prod
+from .weight_uses import WeightUses
 
 
 class _LeafTracer(fx.Tracer):
@@ -51,17 +52,38 @@ def _signature_values(model: nn.Module, args: tuple, kwargs: dict) -> tuple[list
 
 
 def fx_analyze(
-    model: nn.Module, args: tuple, kwargs: dict, params: Params
+    model: nn.Module, args: tuple, kwargs: dict, params: Params, uses: WeightUses | None = None
 ) -> tuple[fx.GraphModule, list[Site], list[str], dict[int, str]]:
+    """The fx graph, its sites and notes, and the weights its run took to GEMMs (pid ->
+    function). ``uses``, when given, records how the run used each weight."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     values, concrete = _signature_values(model, args, kwargs)
     tracer = _LeafTracer()
     graph = tracer.trace(model, concrete_args=concrete or None)
     gm = fx.GraphModule(model, graph, type(model).__name__)
-    recorder = GemmRecorder(params)
-    with recorder:
-        ShapeProp(gm).propagate(*values)
+    recorder = GemmRecorder(params, None if uses is None else uses.record)
+    current: list[fx.Node] = []
+
+    def scope_of(n: fx.Node) -> str:
+        st = n.meta.get("nn_module_stack")
+        if st:
+            return list(st.values())[-1][0]
+        return ""
+
+    class _Prop(ShapeProp):  # remembers the running node: the module a weight's use is in
+        def run_node(self, n: fx.Node) -> Any:
+            current[:] = [n]
+            return super().run_node(n)
+
+    if uses is not None:
+        uses.scope = lambda: scope_of(current[0]) if current else ""
+    try:
+        with recorder:
+            _Prop(gm).propagate(*values)
+    finally:
+        if uses is not None:
+            uses.scope = None
 
     def shape_of(n: Any) -> tuple[int, ...] | None:
         if not isinstance(n, fx.Node):
@@ -74,12 +96,6 @@ def fx_analyze(
         if n.op == "get_attr" and str(n.target) in params.by_name:
             return str(n.target)
         return None
-
-    def scope_of(n: fx.Node) -> str:
-        st = n.meta.get("nn_module_stack")
-        if st:
-            return list(st.values())[-1][0]
-        return ""
 
     def module_of_call(n: fx.Node) -> nn.Module | None:
         if n.op == "call_module":

@@ -19,6 +19,7 @@ class GemmBinding:
     weight: str  # qualified parameter name
     bias: str | None = None
     unsupported: str | None = None  # why the rewrite must leave it dense, if it must
+    transposed: bool = False  # the weight is stored [in, out] (HF Conv1D, x @ W)
 
 
 # GemmBinding.kind:
@@ -27,11 +28,13 @@ class GemmBinding:
 #   'conv1d'        an HF Conv1D called as a module (weight stored [in, out])
 #   'mha_in_proj'   the packed in-projection of an nn.MultiheadAttention (module = the MHA;
 #                   weight '<mha>.in_proj_weight' [3E, E], or q/k/v_proj_weight when separate)
-#   'functional'    F.linear(x, <parameter>[, <parameter>]) with the parameter itself, weight
-#                   [out, in] (the fx rewrite can replace that call)
-#   'functional_op' any other use of a parameter in a GEMM: x @ W ([in, out]), W @ x,
-#                   F.linear on W.t() or a slice, addmm, einsum, tensordot, or a weight used
-#                   both as a module and functionally; not rewritable, stays dense
+#   'functional'    F.linear(x, <parameter>[, <parameter>]) with the parameter itself
+#   'functional_op' any other use of a parameter in a GEMM: x @ W, W @ x, F.linear on W.t(),
+#                   addmm, einsum, ..., or a weight used both as a module and functionally
+# Both functional kinds are rewritten through a PixelflyWeight (pxcompile/nn/weight.py): a
+# Linear-like owner is swapped for a PixelflyLinear (whose .weight is one), a bare parameter
+# is replaced by one. The coverage run (weight_uses.py) sets ``transposed`` and, where the
+# weight's dense values are used (w.norm(), a slice...), ``unsupported``.
 
 
 @dataclass(frozen=True)

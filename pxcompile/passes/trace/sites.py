@@ -24,10 +24,8 @@ Shapes and counts
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
-import re
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -53,32 +51,6 @@ def is_hf_model(model: nn.Module | None) -> bool:
     return any(
         any(c.__name__ == "PreTrainedModel" for c in type(m).__mro__) for m in model.modules()
     )
-
-
-def weight_read_by_owner(model: nn.Module, b: GemmBinding) -> str | None:
-    """A Linear whose owner's forward reads ``self.<leaf>.weight`` itself (Hugging Face T5 checks
-    ``self.wo.weight.dtype``) can't become a PixelflyLinear, which has no dense weight."""
-    if b.kind not in ("linear", "conv1d") or not b.module:
-        return None
-    parent, _, leaf = b.module.rpartition(".")
-    try:
-        owner = model.get_submodule(parent)
-    except AttributeError:
-        return None
-    if type(owner).__module__.startswith("torch.") and not isinstance(owner, nn.Sequential):
-        return None  # torch's own layers: the rewrite handles their fast paths (rewrite.py)
-    if _reads_weight(type(owner), leaf):
-        return f"{type(owner).__name__}.forward reads {leaf}.weight itself"
-    return None
-
-
-@functools.lru_cache(maxsize=256)
-def _reads_weight(cls: type, leaf: str) -> bool:
-    try:
-        src = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
-        return False
-    return re.search(rf"\.{re.escape(leaf)}\.weight\b", src) is not None
 
 
 def hf_attention_unsupported(model: nn.Module) -> str | None:
@@ -190,10 +162,13 @@ _GEMM_FUNC_NAMES = {
 
 
 class GemmRecorder(TorchFunctionMode):
-    def __init__(self, params: Params) -> None:
+    def __init__(
+        self, params: Params, on_call: Callable[[Any, tuple, dict], None] | None = None
+    ) -> None:
         super().__init__()
         self.params = params
         self.used: dict[int, str] = {}  # pid -> function name
+        self.on_call = on_call  # sees every call too (how each weight is used: weight_uses.py)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -204,6 +179,8 @@ class GemmRecorder(TorchFunctionMode):
                     pid = self.params.pid_of_tensor(t)
                     if pid is not None:
                         self.used.setdefault(pid, fname)
+        if self.on_call is not None:
+            self.on_call(func, args, kwargs)
         return func(*args, **kwargs)
 
 
