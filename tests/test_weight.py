@@ -231,3 +231,31 @@ def test_export_of_functional_uses_calls_the_custom_op():
     ops = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     assert ops == ["pxcompile.pixelfly_linear.default"] * 2, ops
     torch.testing.assert_close(ep.module()(x), m(x))
+
+
+@pytest.mark.slow
+def test_torch_compile_traces_functional_uses():
+    """Dynamo inlines the weight's __torch_function__: under torch.compile its GEMMs run the
+    layer's code as the module call does, with no graph break."""
+    import torch._dynamo
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = layer()
+
+        def forward(self, x):
+            return F.linear(x, self.qkv.weight, self.qkv.bias) + x.sum(-1, keepdim=True)
+
+    m = M()
+    x = torch.randn(2, 4, IN, requires_grad=True)
+    want = m(x)
+    gw = torch.autograd.grad(want.square().sum(), [x, *m.parameters()])
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(m)(x)
+    assert explain.graph_break_count == 0
+    got = torch.compile(m)(x)
+    gg = torch.autograd.grad(got.square().sum(), [x, *m.parameters()])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for a, b in zip(gg, gw):  # float32 sums in another order
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)

@@ -325,9 +325,10 @@ def install_attention(
 
 def _no_fast_paths(target: nn.Module) -> None:
     """Turn off the inference fast paths of torch's Transformer layers that hold rewritten
-    layers: they read ``linear1.weight`` and friends directly, which a PixelflyLinear (or the
-    MultiheadAttention wrapper) doesn't have. ``activation_relu_or_gelu`` is read only by
-    those fast-path checks, so 0 turns them off and changes nothing else."""
+    layers: they pass ``linear1.weight`` and friends to one fused kernel, which needs dense
+    values (a PixelflyLinear's weight would be materialised; the MultiheadAttention wrapper
+    has none). ``activation_relu_or_gelu`` is read only by those fast-path checks, so 0 turns
+    them off and changes nothing else."""
     for m in target.modules():
         if isinstance(m, nn.TransformerEncoder):
             m.use_nested_tensor = False
