@@ -43,26 +43,46 @@ File format (a zip archive, version 1)
 
 Safety
 ------
-:func:`load` reads JSON and raw bytes only (``json``, ``yaml.safe_load``, tensors filled from
-bytes): no ``pickle``, no ``torch.load``. Before torch's deserializer sees the program, every
-field that could reach code is checked: each graph node must call an operator of the ``aten``,
-``prims`` or ``pxcompile`` namespace (or one of the few symbolic-shape Python operators export
-emits: ``operator.getitem``, ``operator.add``, ``torch.sym_max``, ...); sub-graphs, operator
-arguments, script objects, tokens and guard code are refused; every name must be an
-identifier and every parameter path a dotted one (names end up in generated Python source);
-every symbolic-shape expression must parse to arithmetic on shape symbols and an allow-list of
-sympy / torch shape functions (sympy evaluates these strings). The module is built with
-``ep.module(check_guards=False)``, so no guard code is generated either. A file that fails a
-check raises :class:`UnsafeFileError`.
+A model file is untrusted input: :func:`load` treats it as hostile (the checks live in
+:mod:`pxcompile.serialize_check`). It reads JSON and raw bytes only (``json``,
+``yaml.safe_load`` without aliases, tensors filled from bytes): no ``pickle``, no
+``torch.load``. Before anything is allocated or handed to torch:
+
+* **Sizes.** The archive's stated sizes are checked against the file's real size; JSON members
+  are decompressed with a cap (16 MiB header, 64 MiB program); the header's tensor list must
+  match the graph's parameters, buffers and constants exactly (names, kinds, dtypes, static
+  shapes), and each tensor's bytes must be an uncompressed member of exactly that size. So
+  loading allocates at most what the graph declares and the file physically holds. The stored
+  example-input description (``load(path, model=...)``) must describe the graph's inputs and
+  stay under 256 MiB.
+* **Operators.** Each graph node must call an operator of the reviewed list in
+  :mod:`pxcompile.serialize_ops`, by exact overload: what pxcompile's exports of supported
+  models emit (plus a few reviewed equivalents), never a whole namespace. Nothing that touches
+  files, storage or raw memory, returns uninitialised memory or takes unchecked offsets. The
+  graph may not write into its caller's inputs (or views of them); in-place updates of its own
+  buffers are allowed.
+* **Code.** Sub-graphs, operators as arguments, script objects, tokens and guard code are
+  refused; every name must be an identifier and every parameter path a dotted one (names end
+  up in generated Python source); every integer is below 2**63.
+* **Shape expressions** are parsed by a small grammar of our own (bounded integers, shape
+  symbols, ``+ - * // %``, max/min, comparisons, powers up to 8) and handed on re-written by
+  us: no text from the file reaches sympy's parser. The module is built with ``ep.module(check_guards=False)``, so no
+  guard code is generated either.
+
+A file that fails a check raises :class:`UnsafeFileError`; a damaged one
+:class:`~pxcompile.errors.ModelFileError`. ``tests/test_serialize_check.py`` fuzzes saved files
+(see the README's Security section for a long run).
 
 What this does *not* protect against: a file whose allowed operators are wired to compute
-something else than the original model (the file is a program, if a restricted one), and
-resource exhaustion by a very large file. Treat model files like any other input.
+something else than the original model (the file is a program, if a restricted one: its
+outputs can be anything, and its run time and memory grow with the sizes it computes with),
+and a file whose weights are simply large. Treat model files like any other input.
 
 Limitations
 -----------
 * The model must be exportable by ``torch.export`` (no data-dependent Python control flow,
-  outputs a pytree of tensors) and may call only aten/prims operators and the sparse layers.
+  outputs a pytree of tensors) and may call only the operators of
+  :mod:`pxcompile.serialize_ops` and the sparse layers (``save`` refuses others, naming them).
 * The loaded module runs the graph as exported, in eval mode (see above), on the device the
   tensors are moved to; a graph that created tensors on a fixed device at export time keeps
   that device. Tensors are loaded on the CPU.
@@ -82,8 +102,10 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import os
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -111,15 +133,21 @@ from .ops import PixelflyAttentionOp, PixelflyOp
 from .plans import Plan
 from .serialize_check import DTYPE_NAMES as _DTYPE_NAMES
 from .serialize_check import DTYPES as _DTYPES
+from .serialize_check import (
+    MAX_HEADER_BYTES,
+    MAX_PROGRAM_BYTES,
+    UnsafeFileError,
+    archive_members,
+    check_inputs_spec,
+    declared_tensors,
+    read_json,
+    read_tensors,
+)
 from .serialize_check import Unregistered as _Unregistered
 from .serialize_check import Unsafe as _Unsafe
-from .serialize_check import UnsafeFileError
-from .serialize_check import check_fqn as _check_fqn
 from .serialize_check import check_fx_graph as _check_fx_graph
 from .serialize_check import check_program as _check_program
 from .serialize_check import is_int as _is_int
-from .serialize_check import read_json as _read_json
-from .serialize_check import read_tensor as _read_tensor
 from .serialize_check import strip_metadata as _strip_metadata
 
 __all__ = ["ExportError", "LoadedCausalLM", "LoadedModel", "UnsafeFileError", "load", "save"]
@@ -519,7 +547,7 @@ def _one_line(e: BaseException) -> str:
 def _read_header(zf: zipfile.ZipFile, path: str) -> dict:
     if HEADER not in zf.namelist():
         raise ModelFileError(f"{path}: not a pxcompile model file (no {HEADER})")
-    header = _read_json(zf, HEADER, path)
+    header = read_json(zf, HEADER, path, MAX_HEADER_BYTES)
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a pxcompile model file")
     v = header.get("version")
@@ -536,36 +564,6 @@ def _read_header(zf: zipfile.ZipFile, path: str) -> dict:
     ):
         raise ModelFileError(f"{path}: corrupt file: bad header")
     return header
-
-
-def _read_tensors(zf: zipfile.ZipFile, header: dict, path: str) -> dict[str, tuple[str, Any]]:
-    """name -> (kind, tensor); parameters come back as nn.Parameter."""
-    out: dict[str, tuple[str, Any]] = {}
-    for info in header["tensors"]:
-        if not isinstance(info, dict) or not isinstance(info.get("name"), str):
-            raise ModelFileError(f"{path}: corrupt file: bad tensor entry")
-        name, kind = info["name"], info.get("kind")
-        if kind not in ("parameter", "buffer", "constant"):
-            raise ModelFileError(f"{path}: corrupt file: tensor {name!r} of kind {kind!r}")
-        try:
-            _check_fqn(name, "tensor name")
-        except _Unsafe as e:
-            raise UnsafeFileError(f"{path}: refused: {e}") from None
-        if name in out:
-            raise ModelFileError(f"{path}: corrupt file: tensor {name!r} twice")
-        if "alias" in info:
-            if info["alias"] not in out:
-                raise ModelFileError(f"{path}: corrupt file: {name!r} aliases an unknown tensor")
-            out[name] = (kind, out[info["alias"]][1])
-            continue
-        t = _read_tensor(zf, path, info)
-        if kind == "parameter":
-            grad = bool(info.get("requires_grad", True)) and (
-                t.is_floating_point() or t.is_complex()
-            )
-            t = nn.Parameter(t, requires_grad=grad)
-        out[name] = (kind, t)
-    return out
 
 
 def _deserialize(program: dict, tensors: dict[str, tuple[str, Any]], path: str):
@@ -610,45 +608,54 @@ def load(path: str | Path, model: nn.Module | None = None, example_inputs: Any =
     if not Path(path).is_file():
         raise ModelFileError(f"{path}: no such file")
     try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
         with open(path, "rb") as f:
-            damaged = f.read(4) == b"PK\x03\x04"  # a zip archive, cut short or damaged
-        if damaged:
+            return _load(f, path, model, example_inputs)
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read: {_one_line(e)}") from None
+
+
+def _load(f, path: str, model: nn.Module | None, example_inputs: Any):
+    size = os.fstat(f.fileno()).st_size  # the sizes the archive claims are checked against it
+    try:
+        zf = zipfile.ZipFile(f)
+    except (zipfile.BadZipFile, ValueError, EOFError):
+        f.seek(0)
+        if f.read(4) == b"PK\x03\x04":  # a zip archive, cut short or damaged
             raise ModelFileError(
                 f"{path}: corrupt or truncated file (unreadable archive)"
             ) from None
         raise ModelFileError(f"{path}: not a pxcompile model file (not a zip archive)") from None
-    except OSError as e:
-        raise ModelFileError(f"{path}: cannot read: {_one_line(e)}") from None
     try:
         with zf:
+            members = archive_members(zf, size, path)
             header = _read_header(zf, path)
             hf_info = read_hf_header(header, path)
             if hf_info is not None:
                 import_output_types()  # its outputs are transformers' ModelOutput types
             plan = _read_plan(header, path)
-            program = None
-            if model is None:
-                try:
-                    program = _check_program(_read_json(zf, PROGRAM, path))
-                except _Unsafe as e:
-                    raise UnsafeFileError(f"{path}: refused: the graph has {e}") from None
-                except _Unregistered as e:
-                    mod = str(e).rpartition(".")[0] or str(e)
-                    raise ModelFileError(
-                        f"{path}: the model's inputs or outputs are of type {e}, not registered "
-                        f"with torch's pytree here: import {mod} before loading"
-                    ) from None
-            tensors = _read_tensors(zf, header, path)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as e:
+            try:  # rebuilding onto a model never builds the stored inputs / outputs
+                program = _check_program(
+                    read_json(zf, PROGRAM, path, MAX_PROGRAM_BYTES), types_needed=model is None
+                )
+                declared = declared_tensors(program)
+            except _Unsafe as e:
+                raise UnsafeFileError(f"{path}: refused: the graph has {e}") from None
+            except _Unregistered as e:
+                mod = str(e).rpartition(".")[0] or str(e)
+                raise ModelFileError(
+                    f"{path}: the model's inputs or outputs are of type {e}, not registered "
+                    f"with torch's pytree here: import {mod} before loading"
+                ) from None
+            tensors = read_tensors(zf, members, header, declared, size, path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error) as e:
         raise ModelFileError(f"{path}: corrupt file: {_one_line(e)}") from None
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
         raise ModelFileError(f"{path}: corrupt file: {_one_line(e)}") from None
     if model is not None:
-        return _rebuild(model, plan, header, tensors, example_inputs, path)
+        return _rebuild(model, plan, header, program, tensors, example_inputs, path)
     ep = _deserialize(program, tensors, path)
-    _check_fx_graph(ep.graph, path, UnsafeFileError)
+    user_inputs = getattr(ep.graph_signature, "user_inputs", ())
+    _check_fx_graph(ep.graph, f"{path}: refused", UnsafeFileError, user_inputs)
     try:
         gm = ep.module(check_guards=False)
     except TypeError:  # torch without the check_guards switch
@@ -677,6 +684,9 @@ def _read_plan(header: dict, path: str) -> Plan | None:
     if not isinstance(text, str):
         raise ModelFileError(f"{path}: corrupt file: bad plan")
     try:
+        # anchors / aliases could make a small text a huge structure; plans never use them
+        if any(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise UnsafeFileError(f"{path}: refused: the stored plan uses YAML aliases")
         data = yaml.safe_load(text)
     except yaml.YAMLError:
         raise ModelFileError(f"{path}: corrupt file: the stored plan is not YAML") from None
@@ -686,12 +696,13 @@ def _read_plan(header: dict, path: str) -> Plan | None:
         raise ModelFileError(f"{path}: corrupt file: {_one_line(e)}") from None
 
 
-def _rebuild(model, plan, header, tensors, example_inputs, path) -> fx.GraphModule:
+def _rebuild(model, plan, header, program, tensors, example_inputs, path) -> fx.GraphModule:
     from . import api
 
     if plan is None:
         raise PlanError(f"{path}: the file has no plan to apply to a model")
     if example_inputs is None:
+        check_inputs_spec(header.get("inputs"), program, path)
         example_inputs = _inputs_from_spec(header.get("inputs"), path)
     with torch.random.fork_rng(devices=[]):  # scratch init: leave the caller's RNG alone
         try:

@@ -1,16 +1,19 @@
 """Checks on a model file before and while it is loaded (see :mod:`pxcompile.serialize`).
 
-Everything here treats the file as hostile: it is read with bounded sizes, and no part of it
-reaches code (torch's deserializer, sympy, generated Python) before it passed these checks.
+Everything here treats the file as hostile. The archive is read with bounded sizes (JSON
+members up to a cap, tensors only as many bytes as the graph declares and the archive
+physically holds); the program may call only the operators of
+:mod:`pxcompile.serialize_ops`; shape expressions are parsed by a small grammar of our own
+and handed on re-written, so no text from the file reaches sympy's parser, torch's
+deserializer or generated Python before it passed these checks.
 """
 
 from __future__ import annotations
 
-import ast
 import json
-import operator
 import re
 import zipfile
+from collections import Counter
 from typing import Any
 
 import torch
@@ -18,12 +21,26 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from .errors import ModelFileError, PxError
+from .serialize_ops import ALLOWED_OPS, serialized_name
 
-_MAX_JSON_BYTES = 512 << 20  # a header / program bigger than this is not ours
+MAX_HEADER_BYTES = 16 << 20  # the header holds the plan: a few KB per hundred layers
+MAX_PROGRAM_BYTES = 64 << 20  # the graph without metadata: about 1 KB per node
+MAX_INPUT_BYTES = 256 << 20  # zeros built from the stored example-input description
+_MAX_INT = 1 << 63  # any integer in the program (sizes, hints, ranges, arguments)
+_MAX_DIM = 1 << 48  # one dimension of a stored tensor
 
 
 class UnsafeFileError(ModelFileError):
-    """A model file asks for something loading never does (foreign ops, code, objects)."""
+    """A model file asks for something loading never does (foreign ops, code, objects), or
+    declares sizes that do not add up."""
+
+
+class Unsafe(Exception):
+    """What a file asks for that loading never does (the message completes "the graph has")."""
+
+
+class Unregistered(Exception):
+    """A pytree container type nobody registered here (the message is its name)."""
 
 
 DTYPES: dict[str, torch.dtype] = {
@@ -44,35 +61,172 @@ DTYPES: dict[str, torch.dtype] = {
     )
 }
 DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}
+# torch.export's schema numbers for these dtypes (ScalarType; fixed within a schema version)
+_SCHEMA_DTYPES = {
+    1: "uint8",
+    2: "int8",
+    3: "int16",
+    4: "int32",
+    5: "int64",
+    6: "float16",
+    7: "float32",
+    8: "float64",
+    10: "complex64",
+    11: "complex128",
+    12: "bool",
+    13: "bfloat16",
+}
+_STRIDED = 7  # torch.export's schema number for torch.strided
 
 
-def read_tensor(zf: zipfile.ZipFile, path: str, info: dict) -> torch.Tensor:
-    name = info["name"]
-    dtype = DTYPES.get(info.get("dtype"))
-    shape = info.get("shape")
-    if dtype is None:
-        raise ModelFileError(
-            f"{path}: corrupt file: tensor {name!r} has an unknown dtype {info.get('dtype')!r}"
-        )
-    if not isinstance(shape, list) or not all(is_int(s) and 0 <= s < 1 << 48 for s in shape):
-        raise ModelFileError(f"{path}: corrupt file: tensor {name!r} has a bad shape")
-    numel = 1
+def is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _nbytes(dtype: str, shape: list[int] | tuple[int, ...]) -> int:
+    n = DTYPES[dtype].itemsize
     for s in shape:
-        numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = numel * itemsize
-    entry = info.get("entry")
+        n *= s
+    return n
+
+
+def _show(dtype: str, shape: Any) -> str:
+    return f"{dtype}{list(shape)}"
+
+
+# ------------------------------------------------------------------------------------------
+# the archive
+# ------------------------------------------------------------------------------------------
+
+
+def archive_members(zf: zipfile.ZipFile, size: int, path: str) -> dict[str, zipfile.ZipInfo]:
+    """The archive's members by name, each checked to lie within the file's ``size`` bytes
+    (zip headers can claim any size: those claims are never used to allocate)."""
+    members: dict[str, zipfile.ZipInfo] = {}
+    for info in zf.infolist():
+        if info.filename in members:
+            raise ModelFileError(f"{path}: corrupt file: the archive holds {info.filename!r} twice")
+        if info.flag_bits & 0x1 or info.compress_type not in (
+            zipfile.ZIP_STORED,
+            zipfile.ZIP_DEFLATED,
+        ):
+            raise ModelFileError(
+                f"{path}: corrupt file: {info.filename!r} is encrypted or compressed in a way "
+                "pxcompile never writes"
+            )
+        if info.header_offset + info.compress_size > size:
+            raise UnsafeFileError(
+                f"{path}: refused: {info.filename!r} claims {info.compress_size} bytes, "
+                f"more than the file's {size}"
+            )
+        members[info.filename] = info
+    return members
+
+
+def read_json(zf: zipfile.ZipFile, entry: str, path: str, limit: int) -> Any:
+    """A JSON member, decompressed up to ``limit`` bytes (its stated size is not trusted)."""
     try:
-        zinfo = zf.getinfo(entry)
-    except (KeyError, TypeError):
-        raise ModelFileError(f"{path}: corrupt file: no data for tensor {name!r}") from None
-    if zinfo.file_size != nbytes:
-        raise ModelFileError(
-            f"{path}: corrupt file: tensor {name!r} has {zinfo.file_size} bytes, expected {nbytes}"
-        )
+        info = zf.getinfo(entry)
+    except KeyError:
+        raise ModelFileError(f"{path}: corrupt file: no {entry}") from None
+    with zf.open(info) as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UnsafeFileError(f"{path}: refused: {entry} is larger than {limit >> 20} MiB")
+    return json.loads(data.decode("utf-8"))
+
+
+def read_tensors(
+    zf: zipfile.ZipFile,
+    members: dict[str, zipfile.ZipInfo],
+    header: dict,
+    declared: dict[str, tuple[str, str, tuple[int, ...]]],
+    size: int,
+    path: str,
+) -> dict[str, tuple[str, Any]]:
+    """name -> (kind, tensor) for the header's tensors; parameters come back as nn.Parameter.
+
+    Before anything is allocated, the header's tensor list must match the graph's tensor
+    inputs (``declared``: name -> (kind, dtype, shape)) exactly, and each tensor's bytes must
+    be an uncompressed member of exactly that size; together they fit in the file."""
+    planned: list[tuple[str, str, str, tuple[int, ...], dict]] = []
+    by_name: dict[str, tuple[str, tuple[int, ...]]] = {}
+    entries: set[str] = set()
+    total = 0
+    for info in header["tensors"]:
+        if not isinstance(info, dict) or not isinstance(info.get("name"), str):
+            raise ModelFileError(f"{path}: corrupt file: bad tensor entry")
+        name, kind = info["name"], info.get("kind")
+        try:
+            check_fqn(name, "tensor name")
+        except Unsafe as e:
+            raise UnsafeFileError(f"{path}: refused: {e}") from None
+        if name in by_name:
+            raise ModelFileError(f"{path}: corrupt file: tensor {name!r} twice")
+        if name not in declared:
+            raise UnsafeFileError(f"{path}: refused: tensor {name!r} is not an input of the graph")
+        want_kind, dtype, shape = declared[name]
+        if kind != want_kind:
+            raise UnsafeFileError(
+                f"{path}: refused: tensor {name!r} is a {kind!r} in the header, "
+                f"a {want_kind} in the graph"
+            )
+        if info.get("dtype") != dtype or info.get("shape") != list(shape):
+            raise UnsafeFileError(
+                f"{path}: refused: tensor {name!r} is {_show(info.get('dtype'), info.get('shape'))}"
+                f" in the header, {_show(dtype, shape)} in the graph"
+            )
+        by_name[name] = (dtype, shape)
+        if "alias" in info:
+            if by_name.get(info["alias"]) != (dtype, shape) or info["alias"] == name:
+                raise ModelFileError(
+                    f"{path}: corrupt file: {name!r} aliases a tensor it is not shaped like"
+                )
+            planned.append((name, kind, dtype, shape, info))
+            continue
+        entry = info.get("entry")
+        member = members.get(entry) if isinstance(entry, str) else None
+        if member is None or entry in entries:
+            raise ModelFileError(f"{path}: corrupt file: no data for tensor {name!r}")
+        entries.add(entry)
+        nbytes = _nbytes(dtype, shape)
+        if member.compress_type != zipfile.ZIP_STORED:
+            raise UnsafeFileError(f"{path}: refused: tensor {name!r} is stored compressed")
+        if member.file_size != nbytes or member.compress_size != nbytes:
+            raise UnsafeFileError(
+                f"{path}: refused: tensor {name!r} has {member.file_size} bytes in the archive, "
+                f"the graph needs {nbytes}"
+            )
+        total += nbytes
+        planned.append((name, kind, dtype, shape, info))
+    missing = [n for n in declared if n not in by_name]
+    if missing:
+        raise ModelFileError(f"{path}: corrupt file: no data for tensor {missing[0]!r}")
+    if total > size:  # members may overlap: their sum, not each one, must fit in the file
+        raise UnsafeFileError(f"{path}: refused: its tensors add up to more than the file holds")
+
+    out: dict[str, tuple[str, Any]] = {}
+    for name, kind, dtype, shape, info in planned:
+        if "alias" in info:
+            out[name] = (kind, out[info["alias"]][1])
+            continue
+        t = _read_tensor(zf, members[info["entry"]], name, dtype, shape, path)
+        if kind == "parameter":
+            grad = bool(info.get("requires_grad", True)) and (
+                t.is_floating_point() or t.is_complex()
+            )
+            t = torch.nn.Parameter(t, requires_grad=grad)
+        out[name] = (kind, t)
+    return out
+
+
+def _read_tensor(
+    zf: zipfile.ZipFile, member: zipfile.ZipInfo, name: str, dtype: str, shape: tuple, path: str
+) -> torch.Tensor:
+    nbytes = member.file_size  # checked against the graph's declaration by the caller
     raw = torch.empty(nbytes, dtype=torch.uint8)
     buf = memoryview(raw.numpy())
-    with zf.open(zinfo) as f:
+    with zf.open(member) as f:
         got = 0
         while got < nbytes:
             n = f.readinto(buf[got:])
@@ -81,32 +235,241 @@ def read_tensor(zf: zipfile.ZipFile, path: str, info: dict) -> torch.Tensor:
             got += n
         if got != nbytes or f.read(1):  # reading to the end also checks the CRC
             raise ModelFileError(f"{path}: corrupt file: tensor {name!r} is truncated")
-    return raw.view(dtype).reshape(shape)
+    return raw.view(DTYPES[dtype]).reshape(shape)
 
+
+def check_inputs_spec(spec: Any, program: dict, path: str) -> None:
+    """The header's description of the example inputs (``load(path, model=...)`` builds
+    zeros from it) must describe the graph's tensor inputs, within ``MAX_INPUT_BYTES``."""
+    if not isinstance(spec, dict):
+        return  # None, or corrupt: the caller's conversion reports that
+    items = list(spec.get("args") or []) + list((spec.get("kwargs") or {}).values())
+    mine: Counter = Counter()
+    total = 0
+    for s in items:
+        t = s.get("tensor") if isinstance(s, dict) else None
+        if t is None:
+            continue
+        if not isinstance(t, dict):
+            raise ModelFileError(f"{path}: corrupt file: bad input description")
+        dtype, shape = t.get("dtype"), t.get("shape")
+        if dtype not in DTYPES or not isinstance(shape, list) or len(shape) > 32:
+            raise ModelFileError(f"{path}: corrupt file: bad input description")
+        if not all(is_int(d) and 0 <= d < _MAX_DIM for d in shape):
+            raise UnsafeFileError(f"{path}: refused: an example input of shape {shape[:8]}")
+        total += _nbytes(dtype, shape)
+        mine[(dtype, tuple(shape))] += 1
+    if total > MAX_INPUT_BYTES:
+        raise UnsafeFileError(
+            f"{path}: refused: its example inputs take {total} bytes, more than "
+            f"{MAX_INPUT_BYTES >> 20} MiB: pass example_inputs= to load(path, model=...)"
+        )
+    if mine != Counter(declared_inputs(program)):
+        raise UnsafeFileError(
+            f"{path}: refused: the stored example inputs are not the graph's inputs"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# shape expressions: a grammar of our own, re-written for torch's deserializer (sympy)
+# ------------------------------------------------------------------------------------------
+
+_SYMBOL = re.compile(r"(s|u|d|zf|zuf|ps|c|q|f|i)[0-9]{1,9}\Z")
+_EXPR_TOKEN = re.compile(r"\s*(?:([0-9]+)|([A-Za-z_][A-Za-z0-9_]*)|'([^']*)'|(//|[-+*%(),=]))")
+_EXPR_MAX_CHARS = 2048
+_EXPR_MAX_DEPTH = 32
+# function name in the file -> (sympy / torch function it stands for, least / most arguments)
+_EXPR_CALLS = {
+    "Add": ("Add", 1, 64),
+    "Mul": ("Mul", 1, 64),
+    "Max": ("Max", 1, 64),
+    "Min": ("Min", 1, 64),
+    "max": ("Max", 1, 64),
+    "min": ("Min", 1, 64),
+    "FloorDiv": ("FloorDiv", 2, 2),
+    "Mod": ("Mod", 2, 2),
+    "PythonMod": ("PythonMod", 2, 2),
+    "Eq": ("Eq", 2, 2),
+    "Ne": ("Ne", 2, 2),
+    "Lt": ("Lt", 2, 2),
+    "Le": ("Le", 2, 2),
+    "Gt": ("Gt", 2, 2),
+    "Ge": ("Ge", 2, 2),
+    "StrictLessThan": ("Lt", 2, 2),
+    "LessThan": ("Le", 2, 2),
+    "StrictGreaterThan": ("Gt", 2, 2),
+    "GreaterThan": ("Ge", 2, 2),
+}
+_SYMBOL_FLAGS = {"positive", "nonnegative", "integer"}
+
+
+class _Expr:
+    """expr := term (('+' | '-') term)* ; term := unary (('*' | '//' | '%') unary)* ;
+    unary := '-' unary | atom ; atom := INT | SYMBOL | '(' expr ')' | Integer(['-'] INT) |
+    Symbol('SYMBOL' [, FLAG=True|False]*) | Pow(expr, Integer(0..8)) | F(expr, ...) for F in
+    _EXPR_CALLS.
+
+    Integers are below 2**63, symbols are export's shape symbols (``s0``, ``u3``...), powers
+    have a small literal exponent and no power in their base (dynamic sequences give
+    ``seq**2``): so evaluating an expression costs at most a few thousand digits. The result is
+    the same expression written out by us in sympy's function form."""
+
+    def __init__(self, s: str) -> None:
+        self.tokens: list[tuple[str, str]] = []
+        pos = 0
+        while pos < len(s):
+            m = _EXPR_TOKEN.match(s, pos)
+            if m is None:
+                if s[pos:].strip() == "":
+                    break
+                raise Unsafe(f"a shape expression it cannot read: {s[:60]!r}")
+            kind = ("int", "name", "str", "op")[m.lastindex - 1]
+            self.tokens.append((kind, m.group(m.lastindex)))
+            pos = m.end()
+        self.i = 0
+        self.text = s
+        self.in_pow = False
+
+    def fail(self) -> Unsafe:
+        return Unsafe(f"a shape expression it cannot read: {self.text[:60]!r}")
+
+    def peek(self) -> tuple[str, str]:
+        return self.tokens[self.i] if self.i < len(self.tokens) else ("end", "")
+
+    def take(self, kind: str, value: str | None = None) -> str:
+        k, v = self.peek()
+        if k != kind or (value is not None and v != value):
+            raise self.fail()
+        self.i += 1
+        return v
+
+    def parse(self) -> str:
+        out = self.expr(0)
+        if self.peek()[0] != "end":
+            raise self.fail()
+        return out
+
+    def expr(self, depth: int) -> str:
+        if depth > _EXPR_MAX_DEPTH:
+            raise Unsafe("a shape expression nested too deep")
+        out = self.term(depth)
+        while self.peek() in (("op", "+"), ("op", "-")):
+            op = self.take("op")
+            right = self.term(depth)
+            out = f"Add({out}, {right})" if op == "+" else f"Add({out}, Mul(Integer(-1), {right}))"
+        return out
+
+    def term(self, depth: int) -> str:
+        out = self.unary(depth)
+        while self.peek() in (("op", "*"), ("op", "//"), ("op", "%")):
+            op = self.take("op")
+            right = self.unary(depth)
+            fn = {"*": "Mul", "//": "FloorDiv", "%": "Mod"}[op]
+            out = f"{fn}({out}, {right})"
+        return out
+
+    def unary(self, depth: int) -> str:
+        if self.peek() == ("op", "-"):
+            self.take("op")
+            if depth > _EXPR_MAX_DEPTH:
+                raise Unsafe("a shape expression nested too deep")
+            return f"Mul(Integer(-1), {self.unary(depth + 1)})"
+        return self.atom(depth)
+
+    def integer(self, negative: bool = False) -> str:
+        text = self.take("int")
+        if len(text) > 19 or int(text) >= _MAX_INT:
+            raise Unsafe(f"an integer out of range in a shape expression: {text[:40]}")
+        return f"Integer({'-' if negative else ''}{int(text)})"
+
+    def atom(self, depth: int) -> str:
+        kind, value = self.peek()
+        if kind == "int":
+            return self.integer()
+        if (kind, value) == ("op", "("):
+            self.take("op")
+            out = self.expr(depth + 1)
+            self.take("op", ")")
+            return out
+        if kind != "name":
+            raise self.fail()
+        self.take("name")
+        if self.peek() != ("op", "("):
+            if _SYMBOL.match(value):
+                return value
+            raise Unsafe(f"the name {value[:40]!r} in a shape expression")
+        self.take("op", "(")
+        if value == "Integer":
+            negative = self.peek() == ("op", "-")
+            if negative:
+                self.take("op")
+            out = self.integer(negative)
+            self.take("op", ")")
+            return out
+        if value == "Symbol":
+            return self.symbol()
+        if value == "Pow":
+            return self.power(depth)
+        if value not in _EXPR_CALLS:
+            raise Unsafe(f"the function {value[:40]!r} in a shape expression")
+        fn, least, most = _EXPR_CALLS[value]
+        args = [self.expr(depth + 1)]
+        while self.peek() == ("op", ","):
+            self.take("op")
+            args.append(self.expr(depth + 1))
+        self.take("op", ")")
+        if not least <= len(args) <= most:
+            raise self.fail()
+        return f"{fn}({', '.join(args)})"
+
+    def power(self, depth: int) -> str:
+        if self.in_pow:
+            raise Unsafe("a power of a power in a shape expression")
+        self.in_pow = True
+        base = self.expr(depth + 1)
+        self.in_pow = False
+        self.take("op", ",")
+        self.take("name", "Integer")
+        self.take("op", "(")
+        exponent = self.take("int")
+        self.take("op", ")")
+        self.take("op", ")")
+        if len(exponent) > 1 or int(exponent) > 8:
+            raise Unsafe(f"the power {exponent[:20]} in a shape expression (at most 8)")
+        return f"Pow({base}, Integer({int(exponent)}))"
+
+    def symbol(self) -> str:
+        name = self.take("str")
+        if not _SYMBOL.match(name):
+            raise Unsafe(f"the shape symbol {name[:40]!r}")
+        flags = {}
+        while self.peek() == ("op", ","):
+            self.take("op")
+            key = self.take("name")
+            self.take("op", "=")
+            value = self.take("name")
+            if key not in _SYMBOL_FLAGS or value not in ("True", "False") or key in flags:
+                raise self.fail()
+            flags[key] = value
+        self.take("op", ")")
+        return f"Symbol({name!r}{''.join(f', {k}={v}' for k, v in sorted(flags.items()))})"
+
+
+def parse_shape_expr(s: Any) -> str:
+    """The shape expression ``s`` re-written by us, or :class:`Unsafe` if it is outside the
+    grammar (see :class:`_Expr`). Only the result ever reaches sympy."""
+    if not isinstance(s, str) or len(s) > _EXPR_MAX_CHARS:
+        raise Unsafe("a shape expression that is not a short string")
+    return _Expr(s).parse()
+
+
+# ------------------------------------------------------------------------------------------
+# the program (torch.export's JSON), before torch's deserializer sees it
+# ------------------------------------------------------------------------------------------
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _FQN_PART = re.compile(r"[A-Za-z0-9_]+\Z")
-_OP = re.compile(
-    r"torch\.ops\.(aten|prims|pxcompile)\."
-    r"((?!__)[A-Za-z_][A-Za-z0-9_]*|__i?(and|or|xor|lshift|rshift)__)"  # aten's few dunder ops
-    r"\.(?!_)[A-Za-z0-9_]+\Z"
-)
-_PY_OPS = {
-    "_operator.getitem": operator.getitem,
-    **{
-        f"_operator.{n}": getattr(operator, n)
-        for n in (
-            "add sub mul floordiv truediv mod pow neg pos eq ne lt le gt ge and_ or_ lshift rshift"
-        ).split()
-    },
-    "math.trunc": __import__("math").trunc,
-    **{
-        f"torch.{n}": getattr(torch, n)
-        for n in "sym_int sym_float sym_not sym_ite sym_max sym_min sym_sqrt".split()
-        if hasattr(torch, n)
-    },
-}
-_OP_NAMESPACES = {"aten", "prims", "pxcompile"}
+_TARGETS = frozenset(serialized_name(n) for n in ALLOWED_OPS)
 _FORBIDDEN = {
     "as_graph": "a sub-graph (higher-order operator)",
     "as_operator": "an operator as an argument",
@@ -119,89 +482,9 @@ _FORBIDDEN = {
 }
 _NAME_KEYS = {"name", "as_name", "user_input_name"}
 _FQN_KEYS = {"parameter_name", "buffer_name", "tensor_constant_name", "fqn"}
-# names a shape expression may use (sympy evaluates these strings)
-_SYMBOL = re.compile(r"(s|u|d|zf|zuf|ps|c|q|f|i)[0-9]+\Z")
-_EXPR_FUNCS = set(
-    "Symbol Integer Float Rational Add Mul Max Min Abs Eq Ne Lt Le Gt Ge StrictLessThan "
-    "StrictGreaterThan LessThan GreaterThan Equality Unequality And Or Not Piecewise ExprCondPair "
-    "FloorDiv ModularIndexing Where PythonMod Mod CleanDiv CeilToInt FloorToInt CeilDiv LShift "
-    "RShift FloatTrueDiv IntTrueDiv IsNonOverlappingAndDenseIndicator TruncToFloat TruncToInt "
-    "RoundToInt RoundDecimal ToFloat Identity".split()
-)
-_EXPR_CONSTS = set(
-    "true false True False oo Infinity NegativeInfinity Zero One NegativeOne".split()
-)
-_EXPR_OPS = (
-    ast.Add,
-    ast.Sub,
-    ast.Mult,
-    ast.Div,
-    ast.FloorDiv,
-    ast.Mod,
-    ast.USub,
-    ast.UAdd,
-    ast.Not,
-    ast.Invert,
-    ast.BitAnd,
-    ast.BitOr,
-    ast.And,
-    ast.Or,
-    ast.Eq,
-    ast.NotEq,
-    ast.Lt,
-    ast.LtE,
-    ast.Gt,
-    ast.GtE,
-)
-_NUMBER = re.compile(r"-?[0-9]{1,40}(\.[0-9]{1,40})?([eE][-+]?[0-9]{1,4})?\Z")
-
-
-class Unsafe(Exception):
-    pass
-
-
-def is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _check_expr(s: Any) -> None:
-    """A symbolic-shape expression must be plain arithmetic on shape symbols."""
-    if not isinstance(s, str) or len(s) > 4096:
-        raise Unsafe("a shape expression that is not a short string")
-    try:
-        tree = ast.parse(s, mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
-        raise Unsafe(f"a shape expression that does not parse: {s[:60]!r}") from None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Expression | ast.Load | ast.keyword | ast.Tuple) or isinstance(
-            node, _EXPR_OPS
-        ):
-            continue
-        if isinstance(node, ast.BinOp | ast.UnaryOp | ast.BoolOp | ast.Compare):
-            continue  # operators themselves are walked (and checked) as their own nodes
-        if isinstance(node, ast.Name):
-            if node.id in _EXPR_FUNCS or node.id in _EXPR_CONSTS or _SYMBOL.match(node.id):
-                continue
-            raise Unsafe(f"the name {node.id!r} in a shape expression")
-        if isinstance(node, ast.Call):
-            if not isinstance(node.func, ast.Name) or node.func.id not in _EXPR_FUNCS:
-                raise Unsafe("a call to something else than a shape function")
-            for kw in node.keywords:
-                if kw.arg is None or not re.fullmatch(r"[a-z_]{1,32}", kw.arg):
-                    raise Unsafe("a keyword argument in a shape expression")
-            continue
-        if isinstance(node, ast.Constant):
-            v = node.value
-            if isinstance(v, bool) or v is None:
-                continue
-            if is_int(v) and abs(v) < 1 << 64:
-                continue
-            if isinstance(v, float):
-                continue
-            if isinstance(v, str) and (_SYMBOL.match(v) or _NUMBER.match(v)):
-                continue
-            raise Unsafe(f"the constant {str(v)[:40]!r} in a shape expression")
-        raise Unsafe(f"{type(node).__name__} in a shape expression")
+_INPUT_KINDS = {"user_input", "parameter", "buffer", "tensor_constant", "constant_input"}
+# outputs that write back: only into the model's own buffers, never into the caller's inputs
+_OUTPUT_KINDS = {"user_output", "buffer_mutation"}
 
 
 def _check_ident(v: Any, what: str) -> None:
@@ -227,8 +510,9 @@ def _walk(obj: Any, depth: int = 0) -> None:
             if k in _FORBIDDEN:
                 raise Unsafe(_FORBIDDEN[k])
             if k == "expr_str":
-                _check_expr(v)
-            elif k in _NAME_KEYS:
+                obj[k] = parse_shape_expr(v)  # the only form that reaches sympy
+                continue
+            if k in _NAME_KEYS:
                 if v is not None:
                     _check_ident(v, "a name")
             elif k in _FQN_KEYS:
@@ -239,13 +523,11 @@ def _walk(obj: Any, depth: int = 0) -> None:
     elif isinstance(obj, list):
         for v in obj:
             _walk(v, depth + 1)
+    elif is_int(obj) and not -_MAX_INT <= obj < _MAX_INT:
+        raise Unsafe(f"the integer {str(obj)[:30]}... (out of range)")
 
 
-class Unregistered(Exception):
-    pass
-
-
-def _check_treespec(spec: Any) -> None:
+def _check_treespec(spec: Any, types_needed: bool) -> None:
     """Input / output structures may only use container types registered with pytree (a
     look-up; nothing is imported)."""
     known = getattr(pytree, "SERIALIZED_TYPE_TO_PYTHON_TYPE", None)
@@ -258,9 +540,12 @@ def _check_treespec(spec: Any) -> None:
         if t is not None:
             if not isinstance(t, str):
                 raise ValueError("bad tree spec")
-            if known is not None and t not in known:
+            if types_needed and known is not None and t not in known:
                 raise Unregistered(t)
-        stack.extend(node.get("children_spec") or [])
+        children = node.get("children_spec") or []
+        if not isinstance(children, list) or len(stack) + len(children) > 100_000:
+            raise ValueError("bad tree spec")
+        stack.extend(children)
 
 
 def strip_metadata(d: dict) -> None:
@@ -276,8 +561,11 @@ def strip_metadata(d: dict) -> None:
                     node["metadata"] = {}
 
 
-def check_program(d: Any) -> dict:
-    """Checks the program JSON (see the module doc) and drops what loading never needs."""
+def check_program(d: Any, types_needed: bool = True) -> dict:
+    """Checks the program JSON (see the module doc), re-writes its shape expressions and
+    drops what loading never needs. Raises :class:`Unsafe`, :class:`Unregistered` (a container
+    type not registered here; only with ``types_needed``) or ValueError / KeyError /
+    TypeError / AttributeError for a malformed program."""
     if not isinstance(d, dict) or not isinstance(d.get("graph_module"), dict):
         raise ValueError("no graph module")
     gm = d["graph_module"]
@@ -288,6 +576,8 @@ def check_program(d: Any) -> dict:
         raise Unsafe("guard code")
     if graph.get("custom_obj_values"):
         raise Unsafe("script objects")
+    if graph.get("sym_float_values"):
+        raise Unsafe("symbolic floats")
     for inp in graph.get("inputs") or []:
         if not isinstance(inp, dict) or len(inp) != 1:
             raise ValueError("bad graph input")
@@ -298,14 +588,26 @@ def check_program(d: Any) -> dict:
         if not isinstance(node, dict):
             raise ValueError("bad node")
         target = node.get("target")
-        if not isinstance(target, str) or not (_OP.match(target) or target in _PY_OPS):
-            raise Unsafe(f"the operator {str(target)[:80]!r}")
+        if not isinstance(target, str) or target not in _TARGETS:
+            raise Unsafe(f"the operator {str(target)[:80]!r}, not in pxcompile/serialize_ops.py")
     for key in ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values"):
         for name in (graph.get(key) or {}).keys():
             _check_ident(name, "a value name")
-    for name in (d.get("range_constraints") or {}).keys():
+    sig = gm.get("signature") or {}
+    for spec in sig.get("input_specs") or []:
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _INPUT_KINDS:
+            raise Unsafe(f"an input of kind {str(spec)[:40]}")
+    for spec in sig.get("output_specs") or []:
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _OUTPUT_KINDS:
+            kind = str(next(iter(spec), None) if isinstance(spec, dict) else None)[:40]
+            why = " (it writes into its inputs)" if "input" in kind else ""
+            raise Unsafe(f"an output of kind {kind!r}{why}")
+    for name, rng in (d.get("range_constraints") or {}).items():
         if not _SYMBOL.match(name):
             raise Unsafe(f"the shape symbol {name[:40]!r}")
+        for v in (rng or {}).values():
+            if v is not None and not (is_int(v) and -_MAX_INT <= v < _MAX_INT):
+                raise Unsafe(f"the shape range {str(rng)[:60]}")
     for entry in gm.get("module_call_graph") or []:
         sig = entry.get("signature") if isinstance(entry, dict) else None
         if isinstance(sig, dict):
@@ -314,7 +616,7 @@ def check_program(d: Any) -> dict:
             for key in ("in_spec", "out_spec"):
                 if not isinstance(sig.get(key), str):
                     raise ValueError("bad tree spec")
-                _check_treespec(json.loads(sig[key]))
+                _check_treespec(json.loads(sig[key]), types_needed)
     for type_name, fields in (gm.get("treespec_namedtuple_fields") or {}).items():
         check_fqn(type_name, "type name")
         for f in (fields or {}).get("field_names") or []:
@@ -325,30 +627,124 @@ def check_program(d: Any) -> dict:
     return d
 
 
-def check_fx_graph(graph: fx.Graph, where: str, error: type[PxError]) -> None:
-    """Every node of the (deserialized or exported) graph calls an allowed operator."""
-    allowed_py = set(_PY_OPS.values())
+def _tensor_meta(graph: dict, name: str) -> tuple[str, list]:
+    """(dtype, sizes) of a graph value, sizes as the JSON gives them."""
+    meta = (graph.get("tensor_values") or {}).get(name)
+    if not isinstance(meta, dict) or meta.get("dtype") not in _SCHEMA_DTYPES:
+        raise Unsafe(f"the tensor input {name!r} of an unsupported type")
+    if meta.get("layout", _STRIDED) != _STRIDED or not isinstance(meta.get("sizes"), list):
+        raise Unsafe(f"the tensor input {name!r} of an unsupported layout")
+    return _SCHEMA_DTYPES[meta["dtype"]], meta["sizes"]
+
+
+def declared_tensors(program: dict) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """name -> (kind, dtype, shape) of each parameter, buffer and constant the graph takes, as
+    the header names them (kind ``constant``: tensor constants and non-persistent buffers).
+    Their shapes must be static. Raises :class:`Unsafe`."""
+    gm = program["graph_module"]
+    graph = gm["graph"]
+    out: dict[str, tuple[str, str, tuple[int, ...]]] = {}
+    for spec in gm.get("signature", {}).get("input_specs") or []:
+        kind, body = next(iter(spec.items()))
+        if kind == "parameter":
+            name, header_kind = body["parameter_name"], "parameter"
+        elif kind == "buffer":
+            persistent = body.get("persistent", True) is not False
+            name, header_kind = body["buffer_name"], "buffer" if persistent else "constant"
+        elif kind == "tensor_constant":
+            name, header_kind = body["tensor_constant_name"], "constant"
+        else:
+            continue
+        dtype, sizes = _tensor_meta(graph, body["arg"]["name"])
+        shape = []
+        for s in sizes:
+            v = s.get("as_int") if isinstance(s, dict) and len(s) == 1 else None
+            if not is_int(v) or not 0 <= v < _MAX_DIM:
+                raise Unsafe(f"the tensor {name!r} of a non-constant shape")
+            shape.append(v)
+        if name in out and out[name] != (header_kind, dtype, tuple(shape)):
+            raise Unsafe(f"the tensor {name!r} twice")
+        out[name] = (header_kind, dtype, tuple(shape))
+    return out
+
+
+def declared_inputs(program: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """(dtype, shape) of each tensor the caller passes, a dynamic size as its example value."""
+    gm = program["graph_module"]
+    out = []
+    for spec in gm.get("signature", {}).get("input_specs") or []:
+        kind, body = next(iter(spec.items()))
+        arg = body.get("arg") if kind == "user_input" else None
+        if not isinstance(arg, dict) or "as_tensor" not in arg:
+            continue
+        dtype, sizes = _tensor_meta(gm["graph"], arg["as_tensor"]["name"])
+        shape = []
+        for s in sizes:
+            if isinstance(s, dict) and "as_expr" in s:
+                s = (s["as_expr"] or {}).get("hint") or {}
+            shape.append(s.get("as_int") if isinstance(s, dict) else None)
+        out.append((dtype, tuple(shape)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# the graph, after torch's deserializer built it
+# ------------------------------------------------------------------------------------------
+
+
+def op_name(target: Any) -> str:
+    """The name :mod:`pxcompile.serialize_ops` lists ``target`` under."""
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__name__', target)}"
+
+
+def _aliases(node: fx.Node) -> bool:
+    """Whether the op's result may share memory with one of its arguments (a view)."""
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload):
+        return op_name(t) == "_operator.getitem"
+    return any(r.alias_info is not None for r in t._schema.returns)
+
+
+def _writes(node: fx.Node) -> list[fx.Node]:
+    """The arguments an in-place op writes into."""
+    t = node.target
+    if not isinstance(t, torch._ops.OpOverload) or not t._schema.is_mutable:
+        return []
+    out = []
+    for i, a in enumerate(t._schema.arguments):
+        if a.alias_info is not None and a.alias_info.is_write:
+            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+            out.extend(x for x in pytree.tree_leaves(v) if isinstance(x, fx.Node))
+    return out
+
+
+def check_fx_graph(
+    graph: fx.Graph, where: str, error: type[PxError], user_inputs: Any = None
+) -> None:
+    """Every node of the (deserialized or exported) graph calls an allowed operator, and
+    (given the names of the ``user_inputs`` placeholders) none writes into the caller's
+    inputs or a view of them."""
+    inputs = set(user_inputs or ())
+    of_inputs: set[fx.Node] = set()
     for node in graph.nodes:
-        if node.op in ("placeholder", "output"):
+        if node.op == "placeholder":
+            if node.name in inputs or node.target in inputs:
+                of_inputs.add(node)
+            continue
+        if node.op == "output":
             continue
         if node.op != "call_function":
             raise error(f"{where}: the graph has a {node.op} node ({node.target})")
-        t = node.target
-        if isinstance(t, torch._ops.OpOverload):
-            if t.namespace not in _OP_NAMESPACES:
-                raise error(
-                    f"{where}: the graph calls {t}, outside the aten/prims/pxcompile operators "
-                    "a model file may use"
-                )
-        elif t not in allowed_py:
-            raise error(f"{where}: the graph calls {getattr(t, '__name__', t)!r}")
-
-
-def read_json(zf: zipfile.ZipFile, entry: str, path: str) -> Any:
-    try:
-        info = zf.getinfo(entry)
-    except KeyError:
-        raise ModelFileError(f"{path}: corrupt file: no {entry}") from None
-    if info.file_size > _MAX_JSON_BYTES:
-        raise ModelFileError(f"{path}: corrupt file: {entry} is too large")
-    return json.loads(zf.read(info).decode("utf-8"))
+        name = op_name(node.target)
+        if name not in ALLOWED_OPS:
+            raise error(
+                f"{where}: the graph calls {name}, which a model file may not call "
+                "(pxcompile/serialize_ops.py lists the operators it may)"
+            )
+        if inputs:
+            if any(w in of_inputs for w in _writes(node)):
+                raise error(f"{where}: the graph writes into its inputs ({node.name}: {name})")
+            if _aliases(node) and any(a in of_inputs for a in node.all_input_nodes):
+                of_inputs.add(node)

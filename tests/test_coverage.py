@@ -27,14 +27,7 @@ def _ops(*ops: str) -> str:
     return f"known gap: save refuses {', '.join(ops)} (not in pxcompile/serialize_ops.py yet)"
 
 
-KNOWN_GAPS: dict[str, str] = {
-    "roberta": _ops("aten.type_as"),
-    "bart": _ops("aten.masked_fill_.Scalar"),
-    "mistral": _ops("aten.gt.Tensor"),
-    "clip-text": _ops("aten.argmax"),
-    "timm-resmlp": _ops("aten.addcmul"),
-    "tv-maxvit_t": _ops("aten.chunk"),
-}
+KNOWN_GAPS: dict[str, str] = {}  # e.g. {"roberta": _ops("aten.type_as")}
 
 
 def _param(name: str):
