@@ -11,9 +11,10 @@ torch.Size([64, 256])
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ from .passes.rewrite import (
 )
 from .passes.trace import TraceResult
 from .passes.trace import trace as _trace
+from .passes.trace.sites import preserved
 from .plans import Plan
 from .policy import Policy
 from .schema import ModelSchema
@@ -80,26 +82,12 @@ def check_inputs(model: nn.Module, example_inputs: Inputs, name: str | None = No
     back): inputs that do not fit the model are a one-line TraceError now, rather than a
     traceback from inside tracing or a compiled model that cannot run."""
     name = name or type(model).__name__
-    bufs = [
-        (m, k, b, b.detach().clone())
-        for m in model.modules()
-        for k, b in m._buffers.items()
-        if b is not None
-    ]
-    flags = [(m, m.training) for m in model.modules()]
+    args, kwargs = _as_args(example_inputs)
     try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        with preserved(model, [*args, *kwargs.values()]):
             call(model, example_inputs)
     except Exception as e:  # noqa: BLE001 - whatever the forward raises, the inputs don't fit
         raise TraceError(f"{name}: {_input_mismatch(model, example_inputs, e)}") from None
-    finally:
-        with torch.no_grad():
-            for m, k, b, saved in bufs:
-                m._buffers[k] = b
-                if b.shape == saved.shape:
-                    b.copy_(saved)
-        for m, training in flags:
-            m.training = training
 
 
 def _input_mismatch(model: nn.Module, example_inputs: Inputs, e: Exception) -> str:
@@ -324,11 +312,25 @@ def masked_dense_reference(
 def verify(
     original: nn.Module, compiled: fx.GraphModule, traced: TraceResult, example_inputs: Inputs
 ) -> float:
-    """Max relative output difference of ``compiled`` against the masked-dense reference."""
-    ref = masked_dense_reference(original, compiled, traced)
-    with torch.no_grad():
+    """Max relative output difference of ``compiled`` against the masked-dense reference.
+
+    Both run in eval mode (dropout, stochastic depth and batch-norm statistics are then
+    deterministic, so like is compared with like) with the RNG forked; ``compiled`` gets its
+    modes back afterwards. Non-finite outputs raise :class:`PxError` naming the first module
+    that produced them: a NaN is never a small difference.
+    """
+    ref = masked_dense_reference(original, compiled, traced).eval()
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), eval_mode(compiled):
         want = _tensors(call(ref, example_inputs))
         got = _tensors(call(compiled, example_inputs))
+        for which, module, outs in (("model", ref, want), ("compiled model", compiled, got)):
+            if any(t.is_floating_point() and not torch.isfinite(t).all() for t in outs):
+                where = first_nonfinite_module(module, example_inputs)
+                raise PxError(
+                    f"verify: the {which}'s output has NaN or inf values"
+                    + (f", first from {where!r}" if where else "")
+                    + ": check its weights and the example inputs"
+                )
     if len(want) != len(got):
         raise PxError("the compiled model's outputs differ in structure from the model's")
     worst = 0.0
@@ -341,6 +343,42 @@ def verify(
         elif not torch.equal(a, b):
             worst = max(worst, 1.0)
     return worst
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode for the block; every submodule's own mode restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def first_nonfinite_module(module: nn.Module, inputs: Inputs) -> str | None:
+    """The qualified name of the first module (in call order) whose output holds NaN or inf
+    on ``inputs``, or None."""
+    found: list[str] = []
+
+    def hook(name: str):
+        def check(_m, _args, out):
+            if not found and any(
+                t.is_floating_point() and not torch.isfinite(t).all() for t in _tensors(out)
+            ):
+                found.append(name)
+
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in module.named_modules() if n]
+    try:
+        with torch.no_grad():
+            call(module, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
 
 
 def _tensors(out: Any) -> list[torch.Tensor]:

@@ -269,6 +269,63 @@ def test_layers_whose_owner_reads_their_weight_are_sparsified():
     assert api.verify(model, gm, traced, (x,)) < 1e-5
 
 
+# --- verification compares like with like; NaN is an error, never a small difference -----------
+
+
+class _Stochastic(nn.Module):
+    """Dropout and stochastic depth: train-mode outputs differ from run to run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(128, 256), nn.Linear(256, 128)
+        self.drop = nn.Dropout(0.5)
+        self.frozen = nn.BatchNorm1d(128)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc2(self.drop(F.gelu(self.fc1(self.frozen(x)))))
+        if self.training:  # stochastic depth
+            y = y * ((torch.rand(x.shape[0], 1) > 0.2).float() / 0.8)
+        return x + y
+
+
+def test_verify_compares_train_mode_models_in_eval_mode_and_keeps_modes():
+    torch.manual_seed(0)
+    model = _Stochastic().train()
+    model.frozen.eval()  # a user's frozen batch-norm stays frozen
+    x = torch.randn(32, 128)
+    traced = api.trace(model, (x,))
+    gm = pxcompile.sparsify(model, 0.3, block=16, example_inputs=(x,))
+    assert gm.pxcompile_layers  # something was made sparse
+    state = torch.random.get_rng_state()
+    assert api.verify(model, gm, traced, (x,)) < 1e-5
+    assert torch.equal(torch.random.get_rng_state(), state)  # the user's RNG is untouched
+    assert gm.training and model.training
+    assert not gm.get_submodule("frozen").training and not model.frozen.training
+    assert gm.get_submodule("drop").training
+
+
+def test_nan_weight_of_a_sparse_layer_is_a_one_line_error_naming_it():
+    model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128))
+    with torch.no_grad():
+        model[2].weight[3, 5] = float("nan")
+    with pytest.raises(PxError, match=r"layer '2'.*NaN"):
+        pxcompile.sparsify(model, 0.3, block=16, example_inputs=(torch.randn(8, 128),))
+
+
+def test_nan_in_a_dense_layer_fails_verification_naming_the_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128), nn.Linear(128, 8))
+    with torch.no_grad():
+        model[3].weight[0, 0] = float("nan")
+    x = torch.randn(8, 128)
+    traced = api.trace(model, (x,))
+    gm = pxcompile.sparsify(
+        model, 0.3, block=16, example_inputs=(x,), policy={"rules": [{"match": "3", "dense": True}]}
+    )
+    with pytest.raises(PxError, match=r"NaN or inf.*first from '3'"):
+        api.verify(model, gm, traced, (x,))
+
+
 # -- arguments are checked before any work; inputs that don't fit are one line (issue #11.5) ---
 def _mlp() -> nn.Module:
     torch.manual_seed(0)

@@ -161,6 +161,27 @@ def test_shipped_long_gpt_sparsifies_attention_and_saves(tmp_path, capsys):
     assert "block: 64" in plan.read_text()  # the attention pattern is in the plan file
 
 
+SWIN_AS_BUILT = """
+import torch
+from torchvision.models.swin_transformer import SwinTransformer
+torch.manual_seed(0)
+# As the library builds it: train mode, stochastic depth 0.2 (swin_t's own setting), small.
+model = SwinTransformer(patch_size=[4, 4], embed_dim=64, depths=[2, 2], num_heads=[2, 4],
+                        window_size=[4, 4], stochastic_depth_prob=0.2, num_classes=10)
+example_inputs = (torch.randn(2, 3, 32, 32),)
+"""
+
+
+@pytest.mark.slow
+def test_a_train_mode_library_model_verifies_and_keeps_its_mode(tmp_path, capsys):
+    """torchvision's Swin in train mode (stochastic depth, dropout paths): verification
+    compares like with like instead of blaming the model's randomness on the rewrite."""
+    pytest.importorskip("torchvision")
+    p = write(tmp_path, SWIN_AS_BUILT)
+    assert main([str(p), "--budget", "0.3", "--block", "16"]) == 0
+    assert "verified" in capsys.readouterr().err
+
+
 # -- outputs are checked before the work, and a failure leaves old files alone (issue #11) ---
 def test_a_bad_output_path_fails_first_and_keeps_the_existing_model(tmp_path, capsys):
     p = write(tmp_path, MLP)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from ..errors import PlanError
+from ..errors import PlanError, PxError
 from ..hf import ModelView
 from ..layers import PixelflyLinear
 from ..mha import ProjectedMultiheadAttention, unsupported_reason
@@ -188,9 +188,14 @@ def rewrite(
             progress(f"rewriting {lp.name} ({k + 1}/{len(sparse)})")
         targets[lp.name] = weight_target(target, b)
         w, bias = _dense_weight(target, targets[lp.name])
+        if init == "dense" and not bool(torch.isfinite(w).all()):
+            raise PxError(
+                f"layer {lp.name!r}: its weight {b.weight!r} has NaN or inf values, so its "
+                "kept blocks and low-rank fit would be too (fix the weight or use init='scratch')"
+            )
         with torch.no_grad():
             layer = PixelflyLinear.from_dense(w, bias, lp.pattern, init=init)
-        layer.train(target.training)
+        layer.train(target.get_submodule(b.module).training if b.module else target.training)
         if layer.init_error is not None:
             errors[lp.name] = layer.init_error
         made[lp.name] = layer
@@ -233,7 +238,9 @@ def rewrite(
         paths = {k: f"model.{v}" for k, v in paths.items()}
     if attention is not None:
         install_attention(gm, attention, plan, traced.method, root=_root(traced))
-    gm.train(model.training)
+    # The copy kept every submodule's own mode (a user's frozen batch-norm stays in eval);
+    # only the new root takes the model's.
+    gm.training = model.training
     return RewriteResult(gm, errors, paths)
 
 
