@@ -254,6 +254,23 @@ def test_owner_reading_a_linear_weight_is_not_a_dense_use():
     assert r.bindings["0.wo"].unsupported is None and not r.bindings["0.wo"].transposed
 
 
+def test_a_linear_weight_used_transposed_stays_dense():
+    class Flipped(nn.Module):  # the Linear is never called: only x @ lin.weight
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(32, 64)
+
+        def forward(self, x):
+            return x @ self.lin.weight
+
+    r = traced(Flipped(), torch.randn(2, 64))
+    assert r.bindings["lin"].transposed
+    assert (
+        r.bindings["lin"].unsupported
+        == "the weight of Linear 'lin' is used transposed in its GEMMs"
+    )
+
+
 def test_mha_weights_are_not_dense_uses():
     for method in ("fx", "export"):
         r = trace(ViTMHA(), torch.randn(2, 16, 48), method=method)

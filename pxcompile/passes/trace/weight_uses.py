@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from ...nn.weight_use import weight_use
 from ...schema import Gemm, ModelSchema
+from .layer_types import module_kind
 from .result import GemmBinding
 from .sites import Params
 
@@ -147,6 +148,8 @@ class WeightUses:
                 continue  # the MultiheadAttention wrapper uses these weights as modules
             if pid is not None and pid in self.dense:
                 b.unsupported = self.dense[pid]
+            elif b.kind in ("functional", "functional_op") and not b.unsupported:
+                b.unsupported = _against_its_module(self.params, b)
 
 
 def _from_shapes(p: torch.Tensor | None, g: Gemm | None, kind: str) -> bool | None:
@@ -160,6 +163,18 @@ def _from_shapes(p: torch.Tensor | None, g: Gemm | None, kind: str) -> bool | No
     if out_in == in_out or shape not in (out_in, in_out):
         return None
     return shape == in_out
+
+
+def _against_its_module(params: Params, b: GemmBinding) -> str | None:
+    """A Linear's (Conv1D's) weight is replaced by swapping the module, whose layer computes
+    what the module computes: GEMMs taking the weight the other way round (``x @ lin.weight``)
+    would all run dense."""
+    owner, _, leaf = b.weight.rpartition(".")
+    m = params.modules.get(owner)
+    kind = module_kind(m) if m is not None else None
+    if leaf != "weight" or kind not in ("linear", "conv1d") or b.transposed == (kind == "conv1d"):
+        return None
+    return f"the weight of {type(m).__name__} {owner!r} is used transposed in its GEMMs"
 
 
 def _in_mha(model: nn.Module, module: str) -> bool:
