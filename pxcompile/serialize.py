@@ -654,8 +654,7 @@ def _load(f, path: str, model: nn.Module | None, example_inputs: Any):
     if model is not None:
         return _rebuild(model, plan, header, program, tensors, example_inputs, path)
     ep = _deserialize(program, tensors, path)
-    user_inputs = getattr(ep.graph_signature, "user_inputs", ())
-    _check_fx_graph(ep.graph, f"{path}: refused", UnsafeFileError, user_inputs)
+    _check_fx_graph(ep.graph, f"{path}: refused", UnsafeFileError)
     try:
         gm = ep.module(check_guards=False)
     except TypeError:  # torch without the check_guards switch

@@ -548,6 +548,56 @@ def _check_treespec(spec: Any, types_needed: bool) -> None:
         stack.extend(children)
 
 
+def _tensor_names(arg: Any) -> set[str]:
+    """Names of the tensors an argument / output of a node refers to."""
+    out: set[str] = set()
+    stack = [arg]
+    while stack:
+        a = stack.pop()
+        if isinstance(a, dict):
+            t = a.get("as_tensor")
+            if isinstance(t, dict) and isinstance(t.get("name"), str):
+                out.add(t["name"])
+            stack.extend(v for k, v in a.items() if k != "as_tensor")
+        elif isinstance(a, list):
+            stack.extend(a)
+    return out
+
+
+def _operator(target: str) -> Any:
+    """The OpOverload an (allowed) JSON target names, or None for a Python operator."""
+    if not target.startswith("torch.ops."):
+        return None
+    op: Any = torch.ops
+    for part in target.split(".")[2:]:
+        op = getattr(op, part)
+    return op
+
+
+def _check_input_writes(gm: dict) -> None:
+    """No node writes into a tensor the caller passed, or into a view of one (in-place ops
+    on the model's own buffers and intermediates are fine)."""
+    of_inputs: set[str] = set()
+    for spec in gm.get("signature", {}).get("input_specs") or []:
+        if "user_input" in spec:
+            of_inputs |= _tensor_names(spec["user_input"])
+    for node in gm["graph"]["nodes"]:
+        args = {i.get("name"): _tensor_names(i.get("arg")) for i in node.get("inputs") or []}
+        op = _operator(node["target"])
+        if op is None:
+            aliases = node["target"] == "_operator.getitem"
+        else:
+            for a in op._schema.arguments:
+                if a.alias_info is not None and a.alias_info.is_write:
+                    if args.get(a.name, set()) & of_inputs:
+                        raise Unsafe(
+                            f"a write into its inputs ({node.get('name')}: {node['target']})"
+                        )
+            aliases = any(r.alias_info is not None for r in op._schema.returns)
+        if aliases and any(v & of_inputs for v in args.values()):
+            of_inputs |= _tensor_names(node.get("outputs"))
+
+
 def strip_metadata(d: dict) -> None:
     """Drops node metadata (stack traces, module paths): loading never needs it."""
     gm = d.get("graph_module")
@@ -600,7 +650,7 @@ def check_program(d: Any, types_needed: bool = True) -> dict:
     for spec in sig.get("output_specs") or []:
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _OUTPUT_KINDS:
             kind = str(next(iter(spec), None) if isinstance(spec, dict) else None)[:40]
-            why = " (it writes into its inputs)" if "input" in kind else ""
+            why = " (a write into its inputs)" if "input" in kind else ""
             raise Unsafe(f"an output of kind {kind!r}{why}")
     for name, rng in (d.get("range_constraints") or {}).items():
         if not _SYMBOL.match(name):
@@ -622,6 +672,7 @@ def check_program(d: Any, types_needed: bool = True) -> dict:
         for f in (fields or {}).get("field_names") or []:
             _check_ident(f, "a field name")
     _walk(d)
+    _check_input_writes(gm)
     strip_metadata(d)
     d["guards_code"] = []
     return d
@@ -699,41 +750,10 @@ def op_name(target: Any) -> str:
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__name__', target)}"
 
 
-def _aliases(node: fx.Node) -> bool:
-    """Whether the op's result may share memory with one of its arguments (a view)."""
-    t = node.target
-    if not isinstance(t, torch._ops.OpOverload):
-        return op_name(t) == "_operator.getitem"
-    return any(r.alias_info is not None for r in t._schema.returns)
-
-
-def _writes(node: fx.Node) -> list[fx.Node]:
-    """The arguments an in-place op writes into."""
-    t = node.target
-    if not isinstance(t, torch._ops.OpOverload) or not t._schema.is_mutable:
-        return []
-    out = []
-    for i, a in enumerate(t._schema.arguments):
-        if a.alias_info is not None and a.alias_info.is_write:
-            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
-            out.extend(x for x in pytree.tree_leaves(v) if isinstance(x, fx.Node))
-    return out
-
-
-def check_fx_graph(
-    graph: fx.Graph, where: str, error: type[PxError], user_inputs: Any = None
-) -> None:
-    """Every node of the (deserialized or exported) graph calls an allowed operator, and
-    (given the names of the ``user_inputs`` placeholders) none writes into the caller's
-    inputs or a view of them."""
-    inputs = set(user_inputs or ())
-    of_inputs: set[fx.Node] = set()
+def check_fx_graph(graph: fx.Graph, where: str, error: type[PxError]) -> None:
+    """Every node of the (deserialized or exported) graph calls an allowed operator."""
     for node in graph.nodes:
-        if node.op == "placeholder":
-            if node.name in inputs or node.target in inputs:
-                of_inputs.add(node)
-            continue
-        if node.op == "output":
+        if node.op in ("placeholder", "output"):
             continue
         if node.op != "call_function":
             raise error(f"{where}: the graph has a {node.op} node ({node.target})")
@@ -743,8 +763,3 @@ def check_fx_graph(
                 f"{where}: the graph calls {name}, which a model file may not call "
                 "(pxcompile/serialize_ops.py lists the operators it may)"
             )
-        if inputs:
-            if any(w in of_inputs for w in _writes(node)):
-                raise error(f"{where}: the graph writes into its inputs ({node.name}: {name})")
-            if _aliases(node) and any(a in of_inputs for a in node.all_input_nodes):
-                of_inputs.add(node)

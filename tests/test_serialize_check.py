@@ -221,7 +221,7 @@ def test_writes_into_the_callers_inputs_are_refused(saved, tmp_path):
 
     with pytest.raises(S.UnsafeFileError) as e:
         pxcompile.load(edited(path, tmp_path / "bad.px", program=add_into_input))
-    assert "writes into its inputs" in one_line(e)
+    assert "write into its inputs" in one_line(e)
 
     def mutation_output(d):
         spec = d["graph_module"]["signature"]["output_specs"][0]
@@ -232,7 +232,18 @@ def test_writes_into_the_callers_inputs_are_refused(saved, tmp_path):
 
     with pytest.raises(S.UnsafeFileError) as e:
         pxcompile.load(edited(path, tmp_path / "bad2.px", program=mutation_output))
-    assert "writes into its inputs" in one_line(e)
+    assert "write into its inputs" in one_line(e)
+
+    class AddsIntoItsInput(nn.Module):
+        def forward(self, x):
+            x.add_(1)
+            return x * 2
+
+    # save never writes a file load would refuse
+    with pytest.raises(S.ExportError) as e:
+        pxcompile.save(AddsIntoItsInput(), tmp_path / "m.px", example_inputs=(x,))
+    assert "write into its inputs" in one_line(e)
+    assert not (tmp_path / "m.px").exists()
 
 
 # ------------------------------------------------------------------------------ finding 2: expressions
