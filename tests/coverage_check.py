@@ -116,17 +116,12 @@ def _check(row: Row, what: str, fn) -> None:
 def _called_linear_likes(model: nn.Module, inputs: Any) -> set[str]:
     """Linear-like modules the forward actually calls (unused ones are not GEMMs)."""
     called: set[str] = set()
-    handles = [
-        m.register_forward_hook(lambda *_a, n=n: called.add(n))
-        for n, m in model.named_modules()
-        if is_linear_like(m) and not isinstance(m, nn.MultiheadAttention)
-    ]
-    try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            api.call(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    model = copy.deepcopy(model)  # a train-mode run updates batch-norm statistics
+    for n, m in model.named_modules():
+        if is_linear_like(m) and not isinstance(m, nn.MultiheadAttention):
+            m.register_forward_hook(lambda *_a, n=n: called.add(n))
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        api.call(model, inputs)
     return called
 
 
@@ -191,8 +186,19 @@ def _compare(want: list[torch.Tensor], got: list[torch.Tensor], what: str) -> st
 
 
 def _check_forward(model, gm, traced, inputs) -> str | None:
+    """Eval mode (``api.verify``), then train mode: with the same seed, dropout and
+    stochastic depth must drop the same things in both models."""
     err = api.verify(model, gm, traced, inputs)
-    return None if err <= RTOL else f"differs from the masked-dense reference by {err:.2e}"
+    if not err <= RTOL:
+        return f"differs from the masked-dense reference by {err:.2e} (eval mode)"
+    ref = api.masked_dense_reference(model, gm, traced).train()
+    gm = copy.deepcopy(gm).train()
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        want = _float_outputs(api.call(ref, inputs))
+        torch.manual_seed(0)
+        got = _float_outputs(api.call(gm, inputs))
+    return _compare(want, got, "train mode, same seed")
 
 
 def _wrap_prefix(traced) -> str:
@@ -310,7 +316,7 @@ def _check_training_step(gm, inputs) -> str | None:
             torch.manual_seed(1)
             opt.zero_grad()
             loss = _loss(api.call(gm, inputs), targets)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             if len(losses) == 1:
                 loss.backward()
                 opt.step()

@@ -1,9 +1,11 @@
 """Real third-party architectures for the coverage sweep (issue #10), built from tiny configs
 with random weights: nothing is downloaded, nothing is pretrained.
 
-Each builder is seeded and returns ``(model, example_inputs)``. Configs keep every GEMM side a
-multiple of 32 with at least 4 blocks of 32 (hidden 128, MLP 256-512, 2 layers, 2 heads,
-16-64 tokens, 32-64 px images), so that layers can actually be sparse at block 32. Used by
+Each builder is seeded and returns ``(model, example_inputs)``, the model in the mode its
+library builds it in (train mode: dropout and stochastic depth on, as a user has it). Configs
+keep every GEMM side a multiple of 32 with at least 8 blocks of 32 (hidden 256, MLP 1024,
+2 layers, 2 heads, 16-64 tokens, 32-64 px images), so that layers can actually be sparse at
+block 32, with patterns sparse enough for the budget 0.3 (at 4 blocks the sparsest keeps 0.5). Used by
 ``tests/test_coverage.py`` and by ``docs/coverage.py`` (which writes ``docs/coverage.md``); not
 part of the installed package.
 """
@@ -24,8 +26,8 @@ Built = tuple[nn.Module, Any]
 BATCH = 2
 SEQ = 32
 VOCAB = 512
-HIDDEN = 128
-MLP = 256
+HIDDEN = 256
+MLP = 1024
 HEADS = 2
 LAYERS = 2
 
@@ -61,7 +63,7 @@ def gpt2() -> Built:
     cfg = tf.GPT2Config(
         n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, n_inner=MLP, vocab_size=VOCAB, n_positions=64
     )
-    return tf.GPT2LMHeadModel(cfg).eval(), {"input_ids": _tokens()}
+    return tf.GPT2LMHeadModel(cfg), {"input_ids": _tokens()}
 
 
 def _bert_like(config_cls: str, model_cls: str) -> Built:
@@ -75,7 +77,7 @@ def _bert_like(config_cls: str, model_cls: str) -> Built:
         vocab_size=VOCAB,
         max_position_embeddings=66,  # RoBERTa's positions start after the padding index
     )
-    return getattr(tf, model_cls)(cfg).eval(), {"input_ids": _tokens()}
+    return getattr(tf, model_cls)(cfg), {"input_ids": _tokens()}
 
 
 def bert() -> Built:
@@ -99,7 +101,7 @@ def t5() -> Built:
         vocab_size=VOCAB,
     )
     inputs = {"input_ids": _tokens(), "decoder_input_ids": _tokens(16)}
-    return tf.T5Model(cfg).eval(), inputs
+    return tf.T5Model(cfg), inputs
 
 
 def bart() -> Built:
@@ -116,7 +118,7 @@ def bart() -> Built:
         vocab_size=VOCAB,
         max_position_embeddings=64,
     )
-    return tf.BartModel(cfg).eval(), {"input_ids": _tokens()}
+    return tf.BartModel(cfg), {"input_ids": _tokens()}
 
 
 def _causal_lm(config_cls: str, model_cls: str, **extra: Any) -> Built:
@@ -131,7 +133,7 @@ def _causal_lm(config_cls: str, model_cls: str, **extra: Any) -> Built:
         max_position_embeddings=64,
         **extra,
     )
-    return getattr(tf, model_cls)(cfg).eval(), {"input_ids": _tokens()}
+    return getattr(tf, model_cls)(cfg), {"input_ids": _tokens()}
 
 
 def llama() -> Built:
@@ -161,7 +163,7 @@ def vit_hf() -> Built:
         num_attention_heads=HEADS,
         intermediate_size=MLP,
     )
-    return tf.ViTModel(cfg, add_pooling_layer=False).eval(), {"pixel_values": _image()}
+    return tf.ViTModel(cfg, add_pooling_layer=False), {"pixel_values": _image()}
 
 
 def clip_text() -> Built:
@@ -175,7 +177,7 @@ def clip_text() -> Built:
         vocab_size=VOCAB,
         max_position_embeddings=SEQ,
     )
-    return tf.CLIPTextModel(cfg).eval(), {"input_ids": _tokens()}
+    return tf.CLIPTextModel(cfg), {"input_ids": _tokens()}
 
 
 def clip_vision() -> Built:
@@ -189,7 +191,7 @@ def clip_vision() -> Built:
         image_size=32,
         patch_size=8,
     )
-    return tf.CLIPVisionModel(cfg).eval(), {"pixel_values": _image()}
+    return tf.CLIPVisionModel(cfg), {"pixel_values": _image()}
 
 
 def whisper_encoder() -> Built:
@@ -205,7 +207,7 @@ def whisper_encoder() -> Built:
         num_mel_bins=80,
         max_source_positions=SEQ,  # the convolutions halve 2 x SEQ frames to SEQ positions
     )
-    return WhisperEncoder(cfg).eval(), {"input_features": torch.randn(BATCH, 80, 2 * SEQ)}
+    return WhisperEncoder(cfg), {"input_features": torch.randn(BATCH, 80, 2 * SEQ)}
 
 
 # --- timm ---------------------------------------------------------------------------------
@@ -215,7 +217,7 @@ def _timm(name: str, px: int, **kwargs: Any) -> Built:
     timm = importlib.import_module("timm")
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
-    return model.eval(), (_image(px),)
+    return model, (_image(px),)
 
 
 _TIMM_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": HIDDEN, "depth": LAYERS}
@@ -241,12 +243,12 @@ def _timm_mlp_mixer(**kwargs: Any) -> Built:
     model = mlp_mixer.MlpMixer(
         num_classes=10, img_size=64, patch_size=4, embed_dim=HIDDEN, num_blocks=LAYERS, **kwargs
     )
-    return model.eval(), (_image(64),)
+    return model, (_image(64),)
 
 
 def timm_mixer() -> Built:
-    # 64 px in 4 px patches: 256 tokens, token MLP 256 -> 128 -> 256, channel MLP 128 -> 512
-    return _timm_mlp_mixer(mlp_ratio=(1.0, 4.0))
+    # 64 px in 4 px patches: 256 tokens, token MLP 256 -> 128 -> 256, channel MLP 256 -> 1024
+    return _timm_mlp_mixer(mlp_ratio=(0.5, 4.0))
 
 
 def timm_resmlp() -> Built:
@@ -294,7 +296,7 @@ def tv_vit_b_16() -> Built:
         mlp_dim=MLP,
         num_classes=10,
     )
-    return model.eval(), (_image(32),)
+    return model, (_image(32),)
 
 
 def tv_swin_t() -> Built:
@@ -309,7 +311,7 @@ def tv_swin_t() -> Built:
         window_size=[4, 4],
         num_classes=10,
     )
-    return model.eval(), (_image(32),)
+    return model, (_image(32),)
 
 
 def tv_maxvit_t() -> Built:
@@ -326,11 +328,11 @@ def tv_maxvit_t() -> Built:
         stochastic_depth_prob=0.0,
         num_classes=10,
     )
-    return model.eval(), (_image(64),)
+    return model, (_image(64),)
 
 
 _TF = "transformers"
-_SMALL = "tiny config: hidden 128, MLP 256, 2 layers, 2 heads"
+_SMALL = f"tiny config: hidden {HIDDEN}, MLP {MLP}, {LAYERS} layers, {HEADS} heads"
 ARCHS: list[Arch] = [
     Arch("gpt2", _TF, f"GPT2LMHeadModel, {_SMALL}, 32 tokens", gpt2),
     Arch("bert", _TF, f"BertModel, {_SMALL}, 32 tokens", bert),
@@ -345,49 +347,64 @@ ARCHS: list[Arch] = [
     Arch("clip-text", _TF, f"CLIPTextModel, {_SMALL}, 32 tokens", clip_text),
     Arch("clip-vision", _TF, f"CLIPVisionModel, {_SMALL}, 32 px / 8 px patches", clip_vision),
     Arch("whisper-encoder", _TF, f"WhisperEncoder, {_SMALL}, 80 mels x 64 frames", whisper_encoder),
-    Arch("timm-vit", "timm", "vit_tiny_patch16_224, dim 128, depth 2, 32 px / 8 px", timm_vit),
-    Arch("timm-deit", "timm", "deit_tiny_patch16_224, dim 128, depth 2, 32 px / 8 px", timm_deit),
+    Arch(
+        "timm-vit",
+        "timm",
+        f"vit_tiny_patch16_224, dim {HIDDEN}, depth {LAYERS}, 32 px / 8 px",
+        timm_vit,
+    ),
+    Arch(
+        "timm-deit",
+        "timm",
+        f"deit_tiny_patch16_224, dim {HIDDEN}, depth {LAYERS}, 32 px / 8 px",
+        timm_deit,
+    ),
     Arch(
         "timm-mixer",
         "timm",
-        "MlpMixer (mixer_s16_224's class), dim 128, 2 blocks, 64 px / 4 px",
+        f"MlpMixer (mixer_s16_224's class), dim {HIDDEN}, {LAYERS} blocks, 64 px / 4 px",
         timm_mixer,
     ),
     Arch(
         "timm-resmlp",
         "timm",
-        "MlpMixer with ResBlock/Affine (resmlp_12_224's), dim 128, depth 2, 64 px / 4 px",
+        f"MlpMixer with ResBlock/Affine (resmlp_12_224's), dim {HIDDEN}, depth {LAYERS}, 64 px / 4 px",
         timm_resmlp,
     ),
     Arch(
         "timm-swin",
         "timm",
-        "swin_tiny_patch4_window7_224, dim 128, depths (1, 1), window 4, 32 px",
+        f"swin_tiny_patch4_window7_224, dim {HIDDEN}, depths (1, 1), window 4, 32 px",
         timm_swin,
     ),
     Arch(
         "timm-convnext",
         "timm",
-        "convnext_tiny, dims (128, 128, 256, 256), depths 1 each, 32 px",
+        f"convnext_tiny, dims ({HIDDEN}, {HIDDEN}, {2 * HIDDEN}, {2 * HIDDEN}), depths 1 each, 32 px",
         timm_convnext,
     ),
-    Arch("timm-beit", "timm", "beit_base_patch16_224, dim 128, depth 2, 32 px / 8 px", timm_beit),
+    Arch(
+        "timm-beit",
+        "timm",
+        f"beit_base_patch16_224, dim {HIDDEN}, depth {LAYERS}, 32 px / 8 px",
+        timm_beit,
+    ),
     Arch(
         "tv-vit_b_16",
         "torchvision",
-        "VisionTransformer (vit_b_16's class), small config: dim 128, MLP 256, 2 layers, 32 px / 8 px",
+        f"VisionTransformer (vit_b_16's class), small config: dim {HIDDEN}, MLP {MLP}, {LAYERS} layers, 32 px / 8 px",
         tv_vit_b_16,
     ),
     Arch(
         "tv-swin_t",
         "torchvision",
-        "SwinTransformer (swin_t's class), small config: dim 128, depths [1, 1], window 4, 32 px",
+        f"SwinTransformer (swin_t's class), small config: dim {HIDDEN}, depths [1, 1], window 4, 32 px",
         tv_swin_t,
     ),
     Arch(
         "tv-maxvit_t",
         "torchvision",
-        "MaxVit (maxvit_t's class), small config: channels [128, 256], 1 layer each, 64 px",
+        f"MaxVit (maxvit_t's class), small config: channels [{HIDDEN}, {2 * HIDDEN}], 1 layer each, 64 px",
         tv_maxvit_t,
     ),
 ]

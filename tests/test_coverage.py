@@ -21,13 +21,9 @@ from torch import nn
 
 from pxcompile import api
 
-
-# Gaps other work is closing; strict, so the marker must go when the fix lands.
-def _ops(*ops: str) -> str:
-    return f"known gap: save refuses {', '.join(ops)} (not in pxcompile/serialize_ops.py yet)"
-
-
-KNOWN_GAPS: dict[str, str] = {}  # e.g. {"roberta": _ops("aten.type_as")}
+# Models failing for a gap other work is closing: name -> the gap, as a strict xfail (the
+# marker must go when the fix lands). Empty: every model passes.
+KNOWN_GAPS: dict[str, str] = {}
 
 
 def _param(name: str):
