@@ -25,6 +25,7 @@ from .passes.budget import check_args, plan_schema
 from .passes.mapping import CostModel
 from .passes.rewrite import (
     RewriteResult,
+    attach_constants,
     attention_calls,
     attention_reachable,
     install_attention,
@@ -304,6 +305,7 @@ def masked_dense_reference(
     if calls is not None:
         if traced.method == "fx" and traced.graph_module is not None:
             # The SDPA calls to replace are nodes of the traced graph: run that graph.
+            attach_constants(ref, traced.graph_module)
             ref = fx.GraphModule(ref, copy.deepcopy(traced.graph_module.graph))
         install_attention(ref, calls, plan, traced.method, reference=True)
     return ref

@@ -82,6 +82,7 @@ def check_model(model: nn.Module, inputs: Any, *, save_dir: str | None = None) -
     row = Row()
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     modes = [m.training for m in model.modules()]
+    attrs = [sorted(vars(m)) for m in model.modules()]
     called = _called_linear_likes(model, inputs)
 
     traced = api.trace(model, inputs)
@@ -100,6 +101,8 @@ def check_model(model: nn.Module, inputs: Any, *, save_dir: str | None = None) -
         row.problems.append("original model: holds PixelflyLinear layers")
     if [m.training for m in model.modules()] != modes:
         row.problems.append("original model: train/eval modes changed")
+    if [sorted(vars(m)) for m in model.modules()] != attrs:
+        row.problems.append("original model: attributes added or removed")
     row.seconds = time.perf_counter() - start
     return row
 

@@ -351,3 +351,15 @@ class StochasticDepthMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop_path(self.fc2(torch.relu(self.fc1(x))))
+
+
+class LiftedConstant(nn.Module):
+    """A tensor made in forward from constants: fx lifts it out as ``_tensor_constant0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(128, 256), nn.Linear(256, 128)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        order = torch.arange(127, -1, -1)
+        return self.fc2(torch.relu(self.fc1(x[:, order])))

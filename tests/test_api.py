@@ -424,3 +424,17 @@ def test_stochastic_depth_follows_the_mode_the_compiled_model_runs_in(training):
             got = gm.train(mode)(x)
             assert torch.allclose(want, plain) != mode  # train mode drops paths, eval doesn't
             assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_a_model_with_lifted_constants_compiles_and_is_left_as_it_was():
+    from models_zoo import LiftedConstant
+
+    torch.manual_seed(0)
+    model = LiftedConstant()
+    x = torch.randn(8, 128)
+    attrs = sorted(vars(model))
+    traced = api.trace(model, (x,))
+    gm = pxcompile.sparsify(model, 0.3, block=32, example_inputs=(x,))
+    assert set(gm.pxcompile_layers) == {"fc1", "fc2"}
+    assert api.verify(model, gm, traced, (x,)) < 1e-5
+    assert sorted(vars(model)) == attrs  # fx's _tensor_constant0 is not left on it

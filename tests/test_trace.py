@@ -15,6 +15,7 @@ from models_zoo import (
     EinsumModel,
     FunctionalForms,
     FunctionalLinear,
+    LiftedConstant,
     MLPMixer,
     Reused,
     StochasticDepthMLP,
@@ -506,3 +507,9 @@ def test_a_graph_that_differs_in_train_and_eval_mode_is_not_kept(training):
     assert {g.name for g in r.schema} == {"fc1", "fc2"}
     plain = traced(StochasticDepthMLP(0.0).train(training), torch.randn(8, 128))
     assert plain.graph_module is not None and MODE_NOTE not in plain.notes
+
+
+def test_constants_fx_lifts_stay_off_the_users_model():
+    model = LiftedConstant()
+    r = traced(model, torch.randn(4, 128))  # checks the model's attributes are unchanged
+    assert r.graph_module is not None and hasattr(r.graph_module, "_tensor_constant0")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ from .trace import AttentionSite, GemmBinding, TraceResult, is_hf_model
 from .trace.layer_types import module_kind
 
 ProgressFn = Callable[[str], None]
+_LIFTED = re.compile(r"_tensor_constant\d+")  # fx.Tracer's name for a lifted tensor
 
 
 @dataclass
@@ -232,6 +234,7 @@ def rewrite(
         _no_fast_paths(target)
 
     if traced.method == "fx" and traced.graph_module is not None:
+        attach_constants(target, traced.graph_module)
         gm = _rebuild_fx(target, traced.graph_module.graph, views)
     else:
         gm = _wrap(target)
@@ -352,6 +355,16 @@ def _packed_linear(mha: nn.MultiheadAttention) -> nn.Linear:
     if mha.in_proj_bias is not None:
         lin.bias = mha.in_proj_bias
     return lin
+
+
+def attach_constants(root: nn.Module, traced: fx.GraphModule) -> None:
+    """Give ``root`` the tensors fx lifted out of the forward while tracing (``torch.arange``
+    in an index; fx names them ``_tensor_constant<i>``), which the traced GraphModule holds
+    and the user's model does not keep, so that the traced graph can be built on ``root``."""
+    for node in traced.graph.nodes:
+        name = str(node.target)
+        if node.op == "get_attr" and _LIFTED.fullmatch(name) and not hasattr(root, name):
+            setattr(root, name, getattr(traced, name))
 
 
 def _rebuild_fx(

@@ -60,8 +60,13 @@ def fx_analyze(
 
     values, concrete = _signature_values(model, args, kwargs)
     tracer = _LeafTracer()
+    attrs = set(vars(model))
     graph = tracer.trace(model, concrete_args=concrete or None)
     gm = fx.GraphModule(model, graph, type(model).__name__)
+    # fx put the tensors it lifted out of the forward (torch.arange(...) in an index) on the
+    # model itself; ``gm`` holds them now, and the user's model stays as it was.
+    for k in set(vars(model)) - attrs:
+        delattr(model, k)
     recorder = GemmRecorder(params, None if uses is None else uses.record)
     current: list[fx.Node] = []
 
