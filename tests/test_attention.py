@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import pxcompile.attention as A
+import pxcompile.kernels.cpu.attention as CA
 from pxcompile.attention import (
     AttentionSpec,
     PixelflyAttention,
@@ -131,7 +131,7 @@ def test_tiled_equals_untiled(monkeypatch):
     kp[1, 300:] = True
     out1 = pixelfly_attention(q, k, v, lay, causal=True, key_padding_mask=kp)
     g1 = torch.autograd.grad(out1.square().sum(), (q, k, v))
-    monkeypatch.setattr(A, "TILE_ELEMS", 1)  # one head per tile
+    monkeypatch.setattr(CA, "TILE_ELEMS", 1)  # one head per tile
     out2 = pixelfly_attention(q, k, v, lay, causal=True, key_padding_mask=kp)
     g2 = torch.autograd.grad(out2.square().sum(), (q, k, v))
     assert torch.allclose(out1, out2, atol=1e-12)
@@ -254,7 +254,7 @@ def test_module_pads_odd_lengths_and_falls_back():
 @pytest.mark.parametrize("causal", [False, True])
 def test_plan_groups_cover_the_layout_exactly(seq, block, factors, g, causal):
     lay = attention_layout(seq, block, factors, g)
-    plan = A._plan(lay, causal)
+    plan = CA._plan(lay, causal)
     keys = lay.key_blocks(causal)
     seen = set()
     for gr in plan.groups:
@@ -266,7 +266,7 @@ def test_plan_groups_cover_the_layout_exactly(seq, block, factors, g, causal):
     assert seen == set(range(g, lay.n))
     assert plan.slots == sum(len(keys[i]) for i in range(g, lay.n))
     if causal:  # fewer slots than the non-causal rows: causal work is not wasted
-        assert plan.slots < A._plan(lay, False).slots
+        assert plan.slots < CA._plan(lay, False).slots
 
 
 @pytest.mark.parametrize(
@@ -299,16 +299,16 @@ def test_worker_chunks_equal_one_chunk(monkeypatch):
     kp = torch.zeros(1, 256, dtype=torch.bool)
     kp[0, 200:] = True
     for causal in (False, True):
-        monkeypatch.setattr(A, "_chunks", lambda BH, dev: [(0, BH // 3), (BH // 3, BH)])
+        monkeypatch.setattr(CA, "_chunks", lambda BH, dev: [(0, BH // 3), (BH // 3, BH)])
         r1 = _grads(q, k, v, lay, causal=causal, key_padding_mask=kp)
-        monkeypatch.setattr(A, "_chunks", lambda BH, dev: [(0, BH)])  # the calling thread
+        monkeypatch.setattr(CA, "_chunks", lambda BH, dev: [(0, BH)])  # the calling thread
         r2 = _grads(q, k, v, lay, causal=causal, key_padding_mask=kp)
         for a, b in zip(r1, r2, strict=True):
             assert torch.allclose(a, b, atol=1e-12, rtol=0)
 
 
 def test_worker_threads_leave_the_caller_alone(monkeypatch):
-    monkeypatch.setattr(A, "_chunks", lambda BH, dev: [(0, 1), (1, BH)])
+    monkeypatch.setattr(CA, "_chunks", lambda BH, dev: [(0, 1), (1, BH)])
     lay = attention_layout(128, 16, 2, 1)
     q, k, v = _qkv(1, 2, 128, 8)
     threads = torch.get_num_threads()
@@ -328,7 +328,7 @@ def test_worker_threads_leave_the_caller_alone(monkeypatch):
 
 
 def test_gradcheck_dropout_in_chunks(monkeypatch):
-    monkeypatch.setattr(A, "_chunks", lambda BH, dev: [(0, 1), (1, BH)])
+    monkeypatch.setattr(CA, "_chunks", lambda BH, dev: [(0, 1), (1, BH)])
     lay = attention_layout(16, 4, 1, 1)
     q, k, v = _qkv(1, 2, 16, 3, torch.float64)
 
@@ -340,13 +340,13 @@ def test_gradcheck_dropout_in_chunks(monkeypatch):
 
 
 def test_release_workspace_frees_the_workers_buffers(monkeypatch):
-    monkeypatch.setattr(A, "_chunks", lambda BH, dev: [(0, 1), (1, BH)])
+    monkeypatch.setattr(CA, "_chunks", lambda BH, dev: [(0, 1), (1, BH)])
     lay = attention_layout(128, 16, 2, 1)
     q, k, v = (t.detach() for t in _qkv(1, 2, 128, 8))
     pixelfly_attention(q, k, v, lay, causal=True)
-    assert sum(len(c) for c in list(A._WS_ALL)) > 0
-    A.release_workspace()
-    assert sum(len(c) for c in list(A._WS_ALL)) == 0
+    assert sum(len(c) for c in list(CA._WS_ALL)) > 0
+    CA.release_workspace()
+    assert sum(len(c) for c in list(CA._WS_ALL)) == 0
     assert torch.allclose(
         pixelfly_attention(q, k, v, lay, causal=True),
         masked_dense_attention(q, k, v, lay.element_mask(True)),
