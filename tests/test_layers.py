@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from pxcompile import layers as L
+from pxcompile.kernels.cpu import linear as K
 from pxcompile.layers import PixelflyLinear, masked_dense_reference
 from pxcompile.patterns import PatternSpec, block_mask
 
@@ -91,7 +92,7 @@ def _grad_of_blocks_as_dense(layer: PixelflyLinear) -> torch.Tensor:
 @pytest.fixture(params=PATHS, ids=[p[0] for p in PATHS])
 def path(request, monkeypatch):
     name, p, tile, ws_rows = request.param
-    monkeypatch.setattr(L, "WORKSPACE_MIN_ROWS", ws_rows)
+    monkeypatch.setattr(K, "WORKSPACE_MIN_ROWS", ws_rows)
     return name, p, tile
 
 
@@ -361,7 +362,7 @@ def test_inside_a_model_trains():
 
 
 def _workspace_ptrs() -> set[int]:
-    bufs = getattr(L._WS, "bufs", None) or {}
+    bufs = getattr(K._WS, "bufs", None) or {}
     return {b.untyped_storage().data_ptr() for b in bufs.values()}
 
 
@@ -404,7 +405,7 @@ def test_results_never_alias_workspaces(fin, fout, rank, bias, path):
 def test_workspaces_are_per_thread():
     import threading
 
-    assert L.WORKSPACE_MIN_ROWS <= 600
+    assert K.WORKSPACE_MIN_ROWS <= 600
     torch.manual_seed(0)
     layer = PixelflyLinear(128, 64, PatternSpec(4, 2, 8, 4))
     layer.tile_rows = 0
@@ -427,13 +428,13 @@ def test_workspaces_are_per_thread():
 
 
 def test_clear_workspaces(monkeypatch):
-    monkeypatch.setattr(L, "WORKSPACE_MIN_ROWS", 0)
+    monkeypatch.setattr(K, "WORKSPACE_MIN_ROWS", 0)
     layer = PixelflyLinear(64, 128, PatternSpec(4, 2, 8, 4))
     with torch.no_grad():
         y1 = layer(torch.ones(8, 64))
-    assert getattr(L._WS, "bufs", None)
-    L.clear_workspaces()
-    assert not L._WS.bufs
+    assert getattr(K._WS, "bufs", None)
+    K.clear_workspaces()
+    assert not K._WS.bufs
     with torch.no_grad():
         assert torch.equal(layer(torch.ones(8, 64)), y1)
 
@@ -461,7 +462,7 @@ def test_autocast_bf16_layer(fin, fout, path):
 def test_module_defaults_exist():
     assert isinstance(L.TILE_ROWS, int)
     assert isinstance(L.COMPILE, bool)
-    assert isinstance(L.WORKSPACE_MIN_ROWS, int)
+    assert isinstance(K.WORKSPACE_MIN_ROWS, int)
 
 
 def test_auto_dispatch_never_compiles_under_pytest():
@@ -481,7 +482,7 @@ def test_compiled_path(monkeypatch):
     masked-dense reference."""
     if not L.COMPILE:
         pytest.skip("compilation disabled (PXCOMPILE_NO_COMPILE)")
-    monkeypatch.setattr(L, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(K, "_COMPILE_FAILED", False)
     torch.manual_seed(0)
     cases = (
         (64, 128, 0, 0),
@@ -491,7 +492,7 @@ def test_compiled_path(monkeypatch):
         (128, 64, 0, 10**9),
     )
     for fin, fout, tile, ws_rows in cases:
-        monkeypatch.setattr(L, "WORKSPACE_MIN_ROWS", ws_rows)
+        monkeypatch.setattr(K, "WORKSPACE_MIN_ROWS", ws_rows)
         layer = PixelflyLinear(fin, fout, PatternSpec(4, 2, 8, 4))
         layer.path, layer.tile_rows = "compiled", tile
         with warnings.catch_warnings():
@@ -503,20 +504,20 @@ def test_compiled_path(monkeypatch):
                 assert torch.allclose(layer(x), ref(x), rtol=1e-4, atol=1e-5)
             with torch.inference_mode():
                 assert torch.allclose(layer(x), ref(x), rtol=1e-4, atol=1e-5)
-    assert not L._COMPILE_FAILED
+    assert not K._COMPILE_FAILED
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(L, "_COMPILE_FAILED", False)
+    monkeypatch.setattr(K, "_COMPILE_FAILED", False)
     monkeypatch.setattr(L, "COMPILE", True)
-    monkeypatch.setattr(L, "_COMPILED", {})
+    monkeypatch.setattr(K, "_COMPILED", {})
     monkeypatch.setattr(torch, "compile", broken)
     torch.manual_seed(0)
     layer = PixelflyLinear(64, 128, PatternSpec(4, 2, 8, 4))
     layer.path = "compiled"
     with pytest.warns(RuntimeWarning, match="eager"):
         _check_against_reference(layer, torch.randn(20, 64))
-    assert L._COMPILE_FAILED
+    assert K._COMPILE_FAILED
