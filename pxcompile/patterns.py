@@ -13,12 +13,15 @@ A rectangular ``out x in`` weight stretches the pattern: each cell covers ``(out
 elements (a Kronecker product with a block of ones), which must be a whole number of
 *pattern blocks* (``pattern_block``, a power-of-two multiple of the hardware block ``b``), so
 the mask is exact at hardware-block granularity: each ``b x b`` block is fully kept or fully
-dropped. Layers whose sides are not multiples of ``b`` are left dense (see the mapping pass).
+dropped. A side that no pattern fits (196 tokens, say) may be *padded*: the pattern is laid on
+a larger zero-padded weight (``PatternSpec.padded_out`` / ``padded_in``), whose mask is exact at
+block granularity; the layer pads its input and slices its output, so its shapes do not change,
+and densities stay relative to the real (unpadded) weight.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -58,6 +61,11 @@ def check_butterfly(n: int, f: int) -> None:
         raise ValueError(f"butterfly size {n} must be a multiple of 2^factors = {power}")
 
 
+#: A padded side is at most this many times the real one (a plan asking for more is refused:
+#: the layer would do more work than dense at any density the mapping pass offers).
+MAX_PAD_RATIO: int = 2
+
+
 @dataclass(frozen=True, order=True)
 class PatternSpec:
     """Hyperparameters of one layer's Pixelfly pattern: ``W ~ B + U V^T``.
@@ -66,16 +74,26 @@ class PatternSpec:
     the side, in elements, of the square blocks the layer stores (a power-of-two multiple of
     the hardware block); ``rank`` is the rank of the low-rank term ``U V^T`` (0 = none).
 
+    ``padded_out`` / ``padded_in`` (0 = not padded): the pattern is laid on a zero-padded
+    ``padded_out x padded_in`` weight (the layer pads its input with zeros and slices its
+    output); kept blocks, FLOPs and parameters are those of the padded layer, and densities
+    stay relative to the real ``out x in`` weight (padding counts against the layer).
+
     Example:
         >>> s = PatternSpec(butterfly=24, factors=3, pattern_block=32, rank=32)
         >>> round(s.block_density, 4), round(s.density(768, 3072), 4)
         (0.1667, 0.2188)
+        >>> p = PatternSpec(12, 1, 32, padded_in=384)  # 384 x 196 laid on 384 x 384
+        >>> p.sides(384, 196), round(p.density(196, 384), 4), p.padding_text(384, 196)
+        ((384, 384), 0.3265, 'padded in 196->384')
     """
 
     butterfly: int
     factors: int
     pattern_block: int
     rank: int = 0
+    padded_out: int = 0
+    padded_in: int = 0
 
     def __post_init__(self) -> None:
         check_butterfly(self.butterfly, self.factors)
@@ -83,18 +101,48 @@ class PatternSpec:
             raise ValueError(f"pattern_block must be positive, got {self.pattern_block}")
         if self.rank < 0:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
+        for k in ("padded_out", "padded_in"):
+            if getattr(self, k) < 0:
+                raise ValueError(f"{k} must be >= 0, got {getattr(self, k)}")
+
+    @property
+    def padded(self) -> bool:
+        """Whether the pattern asks for padding on either side."""
+        return bool(self.padded_out or self.padded_in)
+
+    def sides(self, out_features: int, in_features: int) -> tuple[int, int]:
+        """The ``(out, in)`` sides the pattern is laid on: the padded ones where set."""
+        return (self.padded_out or out_features, self.padded_in or in_features)
+
+    def unpadded(self) -> PatternSpec:
+        """The same pattern without padding (as laid on the padded weight)."""
+        return replace(self, padded_out=0, padded_in=0)
+
+    def padding_text(self, out_features: int, in_features: int) -> str:
+        """How the weight is padded, for reports (``'padded in 196->224'``; '' if not)."""
+        po, pi = self.sides(out_features, in_features)
+        parts = [
+            f"{side} {real}->{pad}"
+            for side, real, pad in (("out", out_features, po), ("in", in_features, pi))
+            if pad != real
+        ]
+        return "padded " + ", ".join(parts) if parts else ""
 
     @property
     def block_density(self) -> float:
-        """Fraction of the weight the butterfly part keeps: ``(f + 1) / n``."""
+        """Fraction of the (padded) weight the butterfly part keeps: ``(f + 1) / n``."""
         return (self.factors + 1) / self.butterfly
 
     def lowrank_density(self, in_features: int, out_features: int) -> float:
-        return self.rank * (in_features + out_features) / (in_features * out_features)
+        po, pi = self.sides(out_features, in_features)
+        return self.rank * (pi + po) / (in_features * out_features)
 
     def density(self, in_features: int, out_features: int) -> float:
-        """Parameters (= FLOPs) kept relative to the dense weight, low-rank included."""
-        return self.block_density + self.lowrank_density(in_features, out_features)
+        """Parameters (= FLOPs) kept relative to the dense (real, unpadded) weight, low-rank
+        and padding included."""
+        po, pi = self.sides(out_features, in_features)
+        pad = po * pi / (out_features * in_features)
+        return self.block_density * pad + self.lowrank_density(in_features, out_features)
 
     def misfit(self, out_features: int, in_features: int, block: int) -> str | None:
         """Why this pattern can't be laid on an ``out x in`` weight with hardware block
@@ -102,45 +150,59 @@ class PatternSpec:
         pb = self.pattern_block
         if pb % block or (pb // block) & (pb // block - 1):
             return f"pattern block {pb} is not a power-of-two multiple of block {block}"
-        for side, size in (("out", out_features), ("in", in_features)):
-            if size % (self.butterfly * pb):
+        po, pi = self.sides(out_features, in_features)
+        for side, size, pad in (("out", out_features, po), ("in", in_features, pi)):
+            if pad < size:
+                return f"padded '{side}'={pad} is smaller than the weight's {size}"
+            if pad > MAX_PAD_RATIO * size:
+                return f"padded '{side}'={pad} is more than {MAX_PAD_RATIO}x the weight's {size}"
+            if pad % (self.butterfly * pb):
+                what = f"'{side}'={size}" + (f" padded to {pad}" if pad != size else "")
                 return (
-                    f"'{side}'={size} is not a multiple of butterfly {self.butterfly} x "
-                    f"pattern block {pb}"
+                    f"{what} is not a multiple of butterfly {self.butterfly} x pattern block {pb}"
                 )
         if self.rank > min(in_features, out_features):
             return f"rank {self.rank} exceeds min(in, out) = {min(in_features, out_features)}"
         return None
 
     def kept_blocks(self, out_features: int, in_features: int) -> int:
-        """Number of stored ``pattern_block``-sized blocks."""
-        ro, ci = out_features // self.pattern_block, in_features // self.pattern_block
+        """Number of stored ``pattern_block``-sized blocks (of the padded weight)."""
+        po, pi = self.sides(out_features, in_features)
+        ro, ci = po // self.pattern_block, pi // self.pattern_block
         return (self.factors + 1) * ro * ci // self.butterfly
 
     def kept_per_row(self, out_features: int, in_features: int) -> int:
         """Kept blocks along the narrow side for each block of the wide side: the inner
         length of the layer's batched matmul, which sets its cost more than density does."""
-        narrow = min(out_features, in_features) // self.pattern_block
+        narrow = min(self.sides(out_features, in_features)) // self.pattern_block
         return (self.factors + 1) * narrow // self.butterfly
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "butterfly": self.butterfly,
             "factors": self.factors,
             "pattern_block": self.pattern_block,
             "rank": self.rank,
         }
+        if self.padded_out:
+            d["padded_out"] = self.padded_out
+        if self.padded_in:
+            d["padded_in"] = self.padded_in
+        return d
 
 
 def pattern_mask(spec: PatternSpec, out_features: int, in_features: int) -> np.ndarray:
-    """Boolean mask over ``pattern_block`` blocks, shape ``(out/pb, in/pb)``."""
+    """Boolean mask over ``pattern_block`` blocks of the (padded) weight, shape
+    ``(padded out/pb, padded in/pb)``."""
     n, pb = spec.butterfly, spec.pattern_block
-    cell = np.ones(((out_features // n) // pb, (in_features // n) // pb), dtype=bool)
+    po, pi = spec.sides(out_features, in_features)
+    cell = np.ones(((po // n) // pb, (pi // n) // pb), dtype=bool)
     return np.kron(flat_butterfly(n, spec.factors), cell).astype(bool)
 
 
 def block_mask(spec: PatternSpec, out_features: int, in_features: int, block: int) -> np.ndarray:
-    """Boolean mask over hardware blocks, shape ``(out/block, in/block)``.
+    """Boolean mask over hardware blocks, shape ``(out/block, in/block)`` (of the padded
+    weight for a padded pattern: the mask is exact at block granularity there).
 
     Raises ValueError if the pattern does not fit the weight exactly.
     """

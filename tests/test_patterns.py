@@ -184,3 +184,46 @@ def test_attention_density_of_the_longest_sequence_builds_no_mask(monkeypatch):
     d = spec.density(2**24)
     assert 0 < d < 0.001 and spec.density(2**24, causal=True) > d
     assert spec.compute_fraction(2**24) == d
+
+
+def test_padded_pattern_counts_the_padding_against_the_real_weight():
+    """384 x 196 laid on a zero-padded 384 x 384: kept blocks, FLOPs and params are the padded
+    layer's, densities are relative to the real weight, the mask covers the padded grid."""
+    s = PatternSpec(12, 1, 32, rank=8, padded_in=384)
+    assert s.padded and s.sides(384, 196) == (384, 384)
+    assert s.misfit(384, 196, 32) is None
+    assert s.kept_blocks(384, 196) == 2 * 12 * 12 // 12
+    assert s.density(196, 384) == pytest.approx((2 * 32 * 32 * 12 + 8 * 768) / (384 * 196))
+    assert block_mask(s, 384, 196, 32).shape == (12, 12)
+    assert s.padding_text(384, 196) == "padded in 196->384"
+    assert PatternSpec(8, 1, 32, padded_out=256, padded_in=512).padding_text(196, 384) == (
+        "padded out 196->256, in 384->512"
+    )
+    assert s.to_dict() == {
+        "butterfly": 12, "factors": 1, "pattern_block": 32, "rank": 8, "padded_in": 384
+    }  # fmt: skip
+    assert "padded_out" not in s.to_dict() and s.unpadded() == PatternSpec(12, 1, 32, 8)
+    assert PatternSpec(12, 1, 32).to_dict().keys() == {
+        "butterfly",
+        "factors",
+        "pattern_block",
+        "rank",
+    }
+
+
+@pytest.mark.parametrize(
+    "spec, why",
+    [
+        (PatternSpec(12, 1, 32, padded_in=160), "padded 'in'=160 is smaller than the weight's 196"),
+        (PatternSpec(12, 1, 32, padded_in=768), "padded 'in'=768 is more than 2x the weight's 196"),
+        (PatternSpec(12, 1, 32, padded_in=256), "'in'=196 padded to 256 is not a multiple of"),
+        (PatternSpec(12, 1, 32), "'in'=196 is not a multiple of butterfly 12"),
+    ],
+)
+def test_padded_misfit_reasons(spec, why):
+    assert why in spec.misfit(384, 196, 32)
+
+
+def test_padding_must_not_be_negative():
+    with pytest.raises(ValueError, match="padded_in must be >= 0"):
+        PatternSpec(12, 1, 32, padded_in=-1)
