@@ -5,12 +5,19 @@ Weight GEMMs (linear layers, embeddings used as a head, ...) multiply activation
 parameter; activation GEMMs (attention scores ``Q K^T`` and values ``A V``) multiply two
 activations. The schema is plain data: it round-trips through YAML (with a ``version``) and
 is what the trace pass emits and the budget pass reads.
+
+A schema file may also give a block of GEMMs once and repeat it (the compact form):
+``{repeat: N, start: S, gemms: [...]}`` in the ``gemms`` list stands for its GEMMs written out
+``N`` times with ``{i}`` in their names (and ``shared_with``) replaced by ``S, S+1, ...``.
+Loading expands it, so a :class:`ModelSchema` is always the long list; ``to_yaml(compact=True)``
+writes the repeated blocks it finds back in that form.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +34,11 @@ SCHEMA_VERSION = 1
 # batch x tokens x heads) may go to 2^40.
 MAX_DIM = 1 << 24
 MAX_COUNT = 1 << 40
+# Most GEMMs a schema may hold once its repeats are expanded: 2^17 = 131,072 is hundreds of
+# times a 7B model's (289) and room for large mixtures of experts, yet a hostile ``repeat``
+# can't make a file of a few lines stand for millions of GEMMs.
+MAX_GEMMS = 1 << 17
+INDEX = "{i}"  # the block index in the names of a repeated block
 
 
 class LayerType(str, enum.Enum):
@@ -169,22 +181,27 @@ class ModelSchema:
         )
 
     # -- YAML ---------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, compact: bool = False) -> dict[str, Any]:
+        """The schema as plain data; ``compact=True`` writes repeated blocks as ``repeat``
+        entries (it loads back to the same schema)."""
         d: dict[str, Any] = {"version": self.version, "name": self.name}
         if self.description:
             d["description"] = self.description
         if self.meta:
             d["meta"] = dict(self.meta)
-        d["gemms"] = [g.to_dict() for g in self.gemms]
+        entries = [g.to_dict() for g in self.gemms]
+        d["gemms"] = compact_entries(entries) if compact else entries
         return d
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=100)
+    def to_yaml(self, compact: bool = False) -> str:
+        return yaml.safe_dump(
+            self.to_dict(compact), sort_keys=False, default_flow_style=None, width=100
+        )
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, compact: bool = False) -> None:
         from .io import atomic_write_text
 
-        atomic_write_text(path, self.to_yaml())
+        atomic_write_text(path, self.to_yaml(compact))
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "<schema>") -> ModelSchema:
@@ -209,17 +226,10 @@ class ModelSchema:
         description = data.get("description") or ""
         if not isinstance(description, str):
             raise SchemaError(f"{source}: 'description' must be a string")
-        gemms = [_gemm_from_dict(entry, i, source) for i, entry in enumerate(raw)]
-        try:
-            schema = cls(
-                name=name,
-                gemms=gemms,
-                description=description,
-                meta=meta,
-            )
-        except SchemaError as e:
-            raise SchemaError(f"{source}: {e}") from None
-        _check_shared(gemms, source)
+        gemms, places = _read_gemms(raw, source)
+        _check_unique(gemms, places, source)
+        schema = cls(name=name, gemms=gemms, description=description, meta=meta)
+        _check_shared(gemms, places, source)
         return schema
 
     @classmethod
@@ -245,12 +255,91 @@ class ModelSchema:
         return cls.from_yaml(text, str(path))
 
 
-def _gemm_from_dict(entry: Any, i: int, source: str) -> Gemm:
+def _read_gemms(raw: list[Any], source: str) -> tuple[list[Gemm], list[str]]:
+    """The GEMMs of a ``gemms`` list, repeats expanded, and where each one was written."""
+    repeats = {k: _repeat_fields(e, k, source) for k, e in enumerate(raw) if _is_repeat(e)}
+    total = len(raw) - len(repeats) + sum(n * len(t) for n, _, t in repeats.values())
+    if total > MAX_GEMMS:
+        raise SchemaError(
+            f"{source}: 'gemms' expands to {total} GEMMs, more than the {MAX_GEMMS} "
+            f"(2^{MAX_GEMMS.bit_length() - 1}) a schema may hold"
+        )
+    gemms: list[Gemm] = []
+    places: list[str] = []
+    for k, entry in enumerate(raw):
+        if k not in repeats:
+            gemms.append(_gemm_from_dict(entry, f"gemms[{k}]", source))
+            places.append(f"gemms[{k}]")
+            continue
+        count, start, templates = repeats[k]
+        block = []
+        for j, t in enumerate(templates):
+            place = f"gemms[{k}].gemms[{j}]"
+            if _is_repeat(t):
+                raise SchemaError(f"{source}: {place}: a repeated block may not hold a repeat")
+            g = _gemm_from_dict(t, place, source)
+            if INDEX not in g.name:
+                raise SchemaError(
+                    f"{source}: {place} ({_shown(g.name)}): 'name' must contain {INDEX} (the "
+                    "block index), or the repeated GEMMs would have the same name"
+                )
+            block.append((place, g))
+        for i in range(start, start + count):
+            for place, g in block:
+                name = g.name.replace(INDEX, str(i))
+                shared = g.shared_with
+                gemms.append(
+                    replace(g, name=name, shared_with=shared and shared.replace(INDEX, str(i)))
+                )
+                places.append(f"{place}, i={i}")
+    return gemms, places
+
+
+def _is_repeat(entry: Any) -> bool:
+    return isinstance(entry, dict) and "repeat" in entry
+
+
+def _repeat_fields(entry: dict[Any, Any], k: int, source: str) -> tuple[int, int, list[Any]]:
+    """``(count, start, templates)`` of the repeat entry ``gemms[k]``, checked."""
+    where = f"{source}: gemms[{k}] (repeat)"
+    unknown = set(entry) - {"repeat", "start", "gemms"}
+    if unknown:
+        raise SchemaError(
+            f"{where}: unknown field {sorted(unknown, key=str)[0]!r} (a repeat has 'repeat', "
+            "'start' and 'gemms')"
+        )
+    count = entry["repeat"]
+    if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
+        raise SchemaError(
+            f"{where}: 'repeat' must be a positive integer (how many blocks), got {count!r}"
+        )
+    if count > MAX_GEMMS:
+        raise SchemaError(
+            f"{where}: 'repeat' must be at most {MAX_GEMMS} "
+            f"(2^{MAX_GEMMS.bit_length() - 1}), got {count}"
+        )
+    start = entry.get("start", 0)
+    if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= MAX_DIM:
+        raise SchemaError(
+            f"{where}: 'start' must be an integer from 0 to {MAX_DIM} (the first block's "
+            f"index), got {start!r}"
+        )
+    templates = entry.get("gemms")
+    if not isinstance(templates, list) or not templates:
+        raise SchemaError(f"{where}: 'gemms' must be a non-empty list (the repeated block)")
+    return count, start, templates
+
+
+def _shown(name: str) -> str:
+    return name if name.isprintable() else repr(name)
+
+
+def _gemm_from_dict(entry: Any, place: str, source: str) -> Gemm:
     if not isinstance(entry, dict):
-        raise SchemaError(f"{source}: gemms[{i}]: expected a mapping, got {type(entry).__name__}")
+        raise SchemaError(f"{source}: {place}: expected a mapping, got {type(entry).__name__}")
     name = entry.get("name")
     shown = name if isinstance(name, str) and name.isprintable() else repr(name)
-    label = f"gemms[{i}] ({shown})" if isinstance(name, str) and name else f"gemms[{i}]"
+    label = f"{place} ({shown})" if isinstance(name, str) and name else place
     where = f"{source}: {label}"
     if not isinstance(name, str) or not name:
         raise SchemaError(f"{where}: 'name' must be a non-empty string, got {name!r}")
@@ -301,15 +390,27 @@ def _gemm_from_dict(entry: Any, i: int, source: str) -> Gemm:
     )
 
 
-def _check_shared(gemms: list[Gemm], source: str) -> None:
+def _check_unique(gemms: list[Gemm], places: list[str], source: str) -> None:
+    first: dict[str, int] = {}
+    for k, g in enumerate(gemms):
+        if g.name not in first:
+            first[g.name] = k
+            continue
+        where = f"{source}: {places[k]} ({_shown(g.name)}): duplicate name"
+        other = places[first[g.name]]
+        if ", i=" in places[k] or ", i=" in other:  # say where the other one comes from
+            where += f", also {other}"
+        raise SchemaError(where)
+
+
+def _check_shared(gemms: list[Gemm], places: list[str], source: str) -> None:
     """``shared_with`` names another GEMM with the same weight (or its transpose), or a
     parameter outside the GEMM list (e.g. a token embedding tied to the head)."""
     by_name = {g.name: g for g in gemms}
     for i, g in enumerate(gemms):
         if g.shared_with is None:
             continue
-        shown = g.name if g.name.isprintable() else repr(g.name)
-        where = f"{source}: gemms[{i}] ({shown}): 'shared_with'"
+        where = f"{source}: {places[i]} ({_shown(g.name)}): 'shared_with'"
         if not g.has_weight:
             raise SchemaError(f"{where}: a {g.type.value} GEMM has no weight to share")
         if g.shared_with == g.name:
@@ -325,6 +426,94 @@ def _check_shared(gemms: list[Gemm], source: str) -> None:
                 f"{where}: {other.name}'s weight is {o}x{i_}, not {g.out_features}x"
                 f"{g.in_features} or its transpose"
             )
+
+
+# -- the compact form's writer ------------------------------------------------------------
+
+# a dotted component of a name that is a block index: "h.0.attn" -> "0" (no leading zeros)
+_INDEX_COMPONENT = re.compile(r"(?<![^.])(0|[1-9][0-9]*)(?=\.|$)")
+
+
+def compact_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``Gemm.to_dict`` entries with each run of repeated blocks written as one ``repeat``.
+
+    A block is the GEMMs under one index of a dotted name (``transformer.h.3.*``); a run is
+    two or more blocks in a row that are the same but for that index, counting up by one.
+    The longest run found at each position wins (the outermost index on ties). Reading the
+    result back gives exactly ``entries``.
+
+    Example:
+        >>> e = [{"name": f"h.{i}.fc", "type": "mlp", "in": 2, "out": 2, "rows": 1}
+        ...      for i in range(3)]
+        >>> compact_entries(e)[0]["repeat"], compact_entries(e)[0]["gemms"][0]["name"]
+        (3, 'h.{i}.fc')
+    """
+    out: list[dict[str, Any]] = []
+    p = 0
+    while p < len(entries):
+        best = _longest_run(entries, p)
+        if best is None:
+            out.append(entries[p])
+            p += 1
+            continue
+        count, start, block = best
+        rep: dict[str, Any] = {"repeat": count}
+        if start:
+            rep["start"] = start
+        rep["gemms"] = block
+        out.append(rep)
+        p += count * len(block)
+    return out
+
+
+def _longest_run(
+    entries: list[dict[str, Any]], p: int
+) -> tuple[int, int, list[dict[str, Any]]] | None:
+    best: tuple[int, int, list[dict[str, Any]]] | None = None
+    name = entries[p]["name"]
+    for m in _INDEX_COMPONENT.finditer(name):
+        head, start = name[: m.end()], int(m.group(1))
+        length = 0
+        while p + length < len(entries) and _under(entries[p + length]["name"], head):
+            length += 1
+        block = entries[p : p + length]
+        if any(INDEX in e["name"] or INDEX in e.get("shared_with", "") for e in block):
+            continue  # a literal {i} would be read as the index
+        templates = [_template(e, head, m.start()) for e in block]
+        count = 1
+        while start + count <= MAX_DIM and p + (count + 1) * length <= len(entries):
+            at = p + count * length
+            if any(_instance(t, start + count) != entries[at + j] for j, t in enumerate(templates)):
+                break
+            count += 1
+        if (
+            count > 1
+            and count <= MAX_GEMMS
+            and (best is None or count * length > best[0] * len(best[2]))
+        ):
+            best = (count, start, templates)
+    return best
+
+
+def _under(name: str, head: str) -> bool:
+    return name == head or name.startswith(head + ".")
+
+
+def _template(entry: dict[str, Any], head: str, at: int) -> dict[str, Any]:
+    t = dict(entry)
+    t["name"] = entry["name"][:at] + INDEX + entry["name"][len(head) :]
+    shared = entry.get("shared_with")
+    if isinstance(shared, str) and _under(shared, head):
+        t["shared_with"] = shared[:at] + INDEX + shared[len(head) :]
+    return t
+
+
+def _instance(template: dict[str, Any], i: int) -> dict[str, Any]:
+    e = dict(template)
+    e["name"] = template["name"].replace(INDEX, str(i))
+    if "shared_with" in template:
+        e["shared_with"] = template["shared_with"].replace(INDEX, str(i))
+    return e
 
 
 def total_flops(gemms: Iterable[Gemm]) -> int:

@@ -1,8 +1,9 @@
 """Generate the shipped model schemas (``schemas/*.yaml``) from published architectures.
 
 Each schema lists the GEMMs of one forward pass, in forward order, with the module names
-of the reference implementation (Hugging Face for GPT-2 and BERT, timm for ViT and
-MLP-Mixer). Attention ``Q K^T`` and ``A V`` are listed per layer as activation GEMMs named
+of the reference implementation (Hugging Face for GPT-2, BERT, Llama and Mistral, timm for
+ViT and MLP-Mixer). The files use the compact form (each run of identical layers written once
+as a ``repeat`` block, ``{i}`` standing for the layer index); they load as the long list. Attention ``Q K^T`` and ``A V`` are listed per layer as activation GEMMs named
 ``<attention module>.scores`` / ``.values``, with all heads folded into ``rows``.
 Non-GEMM parameters (LayerNorm, position embeddings, token look-up tables, cls tokens) are
 not in the schemas.
@@ -192,6 +193,65 @@ def mixer(
     )
 
 
+# -- Llama / Mistral (Hugging Face LlamaForCausalLM / MistralForCausalLM) ----------------
+
+
+def llama(
+    name: str,
+    layers: int,
+    d: int,
+    heads: int,
+    intermediate: int,
+    *,
+    kv_heads: int | None = None,
+    vocab: int = 32000,
+    batch: int = 8,
+    seq: int = 4096,
+    source: str,
+    note: str = "",
+) -> ModelSchema:
+    """Decoder with grouped-query attention (``kv_heads`` < ``heads``: k/v projections are
+    ``d -> kv_heads * head_dim``; scores and values are still per query head) and a gated
+    (SwiGLU) MLP; no biases; lm_head not tied."""
+    kv_heads = kv_heads or heads
+    head_dim = d // heads
+    rows = batch * seq
+    gemms: list[Gemm] = []
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        gemms.append(Gemm(f"{p}.self_attn.q_proj", ATTN_PROJ, d, d, rows))
+        gemms.append(Gemm(f"{p}.self_attn.k_proj", ATTN_PROJ, d, kv_heads * head_dim, rows))
+        gemms.append(Gemm(f"{p}.self_attn.v_proj", ATTN_PROJ, d, kv_heads * head_dim, rows))
+        gemms += _attention(f"{p}.self_attn", batch, heads, seq, head_dim)
+        gemms.append(Gemm(f"{p}.self_attn.o_proj", ATTN_PROJ, d, d, rows))
+        gemms.append(Gemm(f"{p}.mlp.gate_proj", MLP, d, intermediate, rows))
+        gemms.append(Gemm(f"{p}.mlp.up_proj", MLP, d, intermediate, rows))
+        gemms.append(Gemm(f"{p}.mlp.down_proj", MLP, intermediate, d, rows))
+    gemms.append(Gemm("lm_head", HEAD, d, vocab, rows))
+    gqa = f", {kv_heads} key/value heads" if kv_heads != heads else ""
+    return ModelSchema(
+        name=name,
+        gemms=gemms,
+        description=(
+            f"{name}: decoder-only transformer, {layers} layers, hidden {d}, {heads} heads"
+            f"{gqa}, gated MLP {intermediate}, vocab {vocab}, sequence {seq}{note}; causal "
+            "attention computed dense (masked after Q K^T); no biases; lm_head not tied to "
+            "the token embedding (a look-up, not a GEMM)."
+        ),
+        meta={
+            "batch": batch,
+            "seq": seq,
+            "layers": layers,
+            "d_model": d,
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "intermediate": intermediate,
+            "vocab": vocab,
+            "source": source,
+        },
+    )
+
+
 # -- BERT (Hugging Face BertModel, as the .bert of BertFor*) ------------------------------
 
 
@@ -278,6 +338,47 @@ MODELS: dict[str, tuple[str, Callable[[], ModelSchema]]] = {
             "mixer-s16", 8, 512, 256, 2048, source="Tolstikhin et al. 2021, Mixer-S/16; timm names"
         ),
     ),
+    "vit-l16": (
+        "ViT-L/16 (304M): Dosovitskiy et al. 2021, Table 1; timm vit_large_patch16_224 (24 layers, width 1024, 16 heads, MLP 4096).",
+        lambda: vit(
+            "vit-l16", 24, 1024, 16, 4096, source="Dosovitskiy et al. 2021, ViT-L/16; timm names"
+        ),
+    ),
+    "mixer-l16": (
+        "MLP-Mixer-L/16 (208M): Tolstikhin et al. 2021, Table 1; timm mixer_l16_224 (24 layers, hidden 1024, token MLP 512, channel MLP 4096).",
+        lambda: mixer(
+            "mixer-l16",
+            24,
+            1024,
+            512,
+            4096,
+            source="Tolstikhin et al. 2021, Mixer-L/16; timm names",
+        ),
+    ),
+    "llama2-7b": (
+        "Llama-2-7B (6.7B): Touvron et al. 2023; HF meta-llama/Llama-2-7b-hf config hidden_size=4096 intermediate_size=11008 num_hidden_layers=32 num_attention_heads=32 vocab_size=32000 max_position_embeddings=4096.",
+        lambda: llama(
+            "llama2-7b",
+            32,
+            4096,
+            32,
+            11008,
+            source="Touvron et al. 2023 (Llama 2); Hugging Face LlamaForCausalLM names",
+        ),
+    ),
+    "mistral-7b": (
+        "Mistral-7B (7.2B): Jiang et al. 2023; HF mistralai/Mistral-7B-v0.1 config hidden_size=4096 intermediate_size=14336 num_hidden_layers=32 num_attention_heads=32 num_key_value_heads=8 vocab_size=32000 sliding_window=4096.",
+        lambda: llama(
+            "mistral-7b",
+            32,
+            4096,
+            32,
+            14336,
+            kv_heads=8,
+            note=" (its sliding window, so every query sees all earlier keys)",
+            source="Jiang et al. 2023 (Mistral 7B); Hugging Face MistralForCausalLM names",
+        ),
+    ),
     "bert-base": (
         "BERT-base (110M): Devlin et al. 2019; HF bert-base-uncased config 12 layers, hidden 768, 12 heads, intermediate 3072, max 512 positions.",
         lambda: bert("bert-base", 12, 768, 12, 3072),
@@ -288,7 +389,7 @@ MODELS: dict[str, tuple[str, Callable[[], ModelSchema]]] = {
 def render(stem: str) -> str:
     """The exact text of ``schemas/<stem>.yaml``."""
     header, build = MODELS[stem]
-    return f"# {header} {GENERATED}\n{build().to_yaml()}"
+    return f"# {header} {GENERATED}\n{build().to_yaml(compact=True)}"
 
 
 def summary_rows() -> list[tuple[str, int, float, int, int]]:

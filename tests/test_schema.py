@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import re
 from dataclasses import replace
@@ -16,10 +17,12 @@ from pxcompile.errors import PxError, SchemaError
 from pxcompile.schema import (
     MAX_COUNT,
     MAX_DIM,
+    MAX_GEMMS,
     SCHEMA_VERSION,
     Gemm,
     LayerType,
     ModelSchema,
+    compact_entries,
     human,
     total_flops,
 )
@@ -265,9 +268,15 @@ KNOWN_GEMM_PARAMS = {
     # timm vit_*_patch16_224: cls token, 197 position embeddings
     "vit-b16": (86_567_656 - 768 - 197 * 768 - _ln(12, 768), True),
     "vit-s16": (22_050_664 - 384 - 197 * 384 - _ln(12, 384), True),
+    "vit-l16": (304_326_632 - 1024 - 197 * 1024 - _ln(24, 1024), True),
     # timm mixer_*16_224
     "mixer-b16": (59_880_472 - _ln(12, 768), True),
     "mixer-s16": (18_528_264 - _ln(8, 512), True),
+    "mixer-l16": (208_196_168 - _ln(24, 1024), True),
+    # HF LlamaForCausalLM / MistralForCausalLM: the embed_tokens look-up and 65 RMSNorms (one
+    # weight vector each); lm_head is not tied, so it counts
+    "llama2-7b": (6_738_415_616 - 32000 * 4096 - 65 * 4096, True),
+    "mistral-7b": (7_241_732_096 - 32000 * 4096 - 65 * 4096, True),
     # HF BertModel(bert-base-uncased): word/position/type embeddings + embedding LayerNorm
     "bert-base": (109_482_240 - (30522 + 512 + 2) * 768 - _ln(12, 768), True),
 }
@@ -490,3 +499,264 @@ def test_version_must_be_the_integer(version):
 def test_null_description():
     text = "version: 1\ndescription:\ngemms:\n- {name: a, type: mlp, in: 1, out: 1, rows: 1}\n"
     assert ModelSchema.from_yaml(text).description == ""
+
+
+# -- the compact form: repeated blocks ------------------------------------------------------
+
+# sha256 of each shipped schema's long form as the files were before the compact form (commit
+# 5b40e26, the header comment line left out): the compact files expand to exactly these.
+LONG_FORM_SHA256 = {
+    "bert-base": "2af0c09e6968ad57aaed53b45d5255455aa5393db84b211be2b10413e7178652",
+    "gpt2-large": "fdaeb04eae0ffaba470e2e99dbcc89c387ff80e61490709c36aacb9c99e09513",
+    "gpt2-medium": "1ea4841e7ac44e43bfc5a26a3498d71347a95ae4b211c45da72b7ea0fb08f1ba",
+    "gpt2-small": "549b4de196072322955b05ba488855a291d567407e02798cc9646c237c325f6d",
+    "mixer-b16": "44722387d662b56bcdf0cb4ffeecbe0c24a5a7ddf668bba79ed4807ee956c59d",
+    "mixer-s16": "4b4cb90c6aa964b9ff1c55fd25c79f401069d9c1038e43434fa76de123556121",
+    "vit-b16": "b6e18f1d3db77092d0102a0994b73eee032357e1becd1acd0ef2b708853c7f2c",
+    "vit-s16": "769cfbba1d26c4c750836b5c2e816a8d4432d2be15d31820d042251a96fafd9c",
+}
+
+
+@pytest.mark.parametrize("stem", sorted(LONG_FORM_SHA256))
+def test_compact_shipped_schemas_expand_to_the_old_long_files(stem):
+    path = SCHEMAS / f"{stem}.yaml"
+    assert "- repeat: " in path.read_text()  # shipped in the compact form
+    s = ModelSchema.load(path)
+    assert hashlib.sha256(s.to_yaml().encode()).hexdigest() == LONG_FORM_SHA256[stem]
+    assert ModelSchema.from_yaml(s.to_yaml()) == s  # and the long form still loads
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_schemas_are_the_generators_long_lists(path):
+    built = _generator().MODELS[path.stem][1]()
+    assert ModelSchema.load(path) == built
+    assert ModelSchema.from_yaml(built.to_yaml(compact=True)) == built
+
+
+def test_new_shipped_schemas():
+    llama = ModelSchema.load(SCHEMAS / "llama2-7b.yaml")
+    assert len(llama) == 32 * 9 + 1
+    assert llama["model.layers.31.mlp.gate_proj"].shape == (11008, 4096)
+    assert llama["model.layers.0.self_attn.scores"].rows == 8 * 32 * 4096
+    assert llama["lm_head"].shared_with is None and not llama["lm_head"].bias
+    mistral = ModelSchema.load(SCHEMAS / "mistral-7b.yaml")
+    assert mistral["model.layers.7.self_attn.k_proj"].shape == (1024, 4096)  # 8 kv heads
+    assert mistral["model.layers.7.self_attn.scores"].heads == 32
+    assert mistral["model.layers.7.mlp.down_proj"].shape == (4096, 14336)
+    vit = ModelSchema.load(SCHEMAS / "vit-l16.yaml")
+    assert vit["blocks.23.attn.scores"].seq == 197 and vit["blocks.23.mlp.fc1"].out_features == 4096
+    mixer = ModelSchema.load(SCHEMAS / "mixer-l16.yaml")
+    assert mixer["blocks.23.mlp_tokens.fc1"].shape == (512, 196)
+    assert mixer["blocks.0.mlp_channels.fc2"].shape == (1024, 4096)
+
+
+def _compact(*entries, **top) -> str:
+    d = {"version": 1, "name": "x", "gemms": list(entries)}
+    d.update(top)
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def _fc(name: str, **kw) -> dict:
+    return dict(GOOD, name=name, **kw)
+
+
+def test_repeat_expands_in_order():
+    text = _compact(
+        _fc("embed"),
+        {"repeat": 3, "gemms": [_fc("h.{i}.a"), _fc("h.{i}.b", rows=4)]},
+        {"repeat": 2, "start": 3, "gemms": [_fc("h.{i}.a")]},
+        _fc("head"),
+    )
+    s = ModelSchema.from_yaml(text)
+    names = ["embed", "h.0.a", "h.0.b", "h.1.a", "h.1.b", "h.2.a", "h.2.b", "h.3.a", "h.4.a"]
+    assert [g.name for g in s] == names + ["head"]
+    assert s["h.2.b"].rows == 4 and s["h.4.a"].in_features == 768
+    long = ModelSchema.from_yaml(s.to_yaml())
+    assert long == s and "repeat" not in s.to_yaml()  # the long form stays the default
+
+
+def test_repeat_every_index_and_shared_with():
+    tied = _fc("lm.{i}.out", **{"in": 3072, "out": 768}, shared_with="lm.{i}.in")
+    text = _compact(
+        {"repeat": 2, "gemms": [_fc("lm.{i}.in"), tied, _fc("x{i}.y{i}", shared_with="wte")]}
+    )
+    s = ModelSchema.from_yaml(text)
+    assert s["lm.1.out"].shared_with == "lm.1.in"
+    assert s["x1.y1"].shared_with == "wte"  # a name outside the block stays as written
+    assert [g.name for g in s] == ["lm.0.in", "lm.0.out", "x0.y0", "lm.1.in", "lm.1.out", "x1.y1"]
+    assert ModelSchema.from_yaml(s.to_yaml(compact=True)) == s
+    two = ModelSchema("x", s.gemms[:2] + s.gemms[3:5])
+    assert two.to_dict(compact=True)["gemms"] == [{"repeat": 2, "gemms": [_fc("lm.{i}.in"), tied]}]
+
+
+def _repeat_err(entry, *more) -> str:
+    return _err(_compact(_fc("g0"), entry, *more))
+
+
+@pytest.mark.parametrize("count", [0, -1, 1.5, "3", True, None, [2]])
+def test_repeat_bad_count(count):
+    msg = _repeat_err({"repeat": count, "gemms": [_fc("h.{i}")]})
+    assert msg == (
+        f"x.yaml: gemms[1] (repeat): 'repeat' must be a positive integer (how many blocks), "
+        f"got {count!r}"
+    )
+
+
+def test_repeat_is_bounded():
+    """A few hostile lines may not stand for millions of GEMMs."""
+    msg = _repeat_err({"repeat": 10**9, "gemms": [_fc("h.{i}")]})
+    assert (
+        msg == "x.yaml: gemms[1] (repeat): 'repeat' must be at most 131072 (2^17), got 1000000000"
+    )
+    assert MAX_GEMMS == 2**17
+    block = [_fc(f"h.{{i}}.{k}") for k in range(64)]
+    msg = _repeat_err({"repeat": 4096, "gemms": block})
+    assert msg == (
+        "x.yaml: 'gemms' expands to 262145 GEMMs, more than the 131072 (2^17) a schema may hold"
+    )
+    half = MAX_GEMMS // 2
+    msg = _err(
+        _compact(
+            {"repeat": half, "gemms": [_fc("a{i}")]}, {"repeat": half + 1, "gemms": [_fc("b{i}")]}
+        )
+    )
+    assert msg.endswith(
+        f"expands to {MAX_GEMMS + 1} GEMMs, more than the 131072 (2^17) a schema may hold"
+    )
+
+
+def test_repeat_at_the_bound_loads():
+    s = ModelSchema.from_yaml(_compact({"repeat": MAX_GEMMS, "gemms": [_fc("h.{i}")]}))
+    assert len(s) == MAX_GEMMS and s.gemms[-1].name == f"h.{MAX_GEMMS - 1}"
+
+
+def test_repeat_needs_the_index_in_every_name():
+    msg = _repeat_err({"repeat": 2, "gemms": [_fc("h.{i}.a"), _fc("h.b")]})
+    assert msg == (
+        "x.yaml: gemms[1].gemms[1] (h.b): 'name' must contain {i} (the block index), or the "
+        "repeated GEMMs would have the same name"
+    )
+
+
+def test_repeat_names_that_collide_after_expansion():
+    msg = _repeat_err(
+        {"repeat": 3, "gemms": [_fc("h.{i}")]}, {"repeat": 2, "start": 2, "gemms": [_fc("h.{i}")]}
+    )
+    assert (
+        msg == "x.yaml: gemms[2].gemms[0], i=2 (h.2): duplicate name, also gemms[1].gemms[0], i=2"
+    )
+    msg = _repeat_err({"repeat": 2, "gemms": [_fc("g{i}")]})  # g0 is written out before it
+    assert msg == "x.yaml: gemms[1].gemms[0], i=0 (g0): duplicate name, also gemms[0]"
+    msg = _repeat_err({"repeat": 12, "gemms": [_fc("h{i}"), _fc("h1{i}")]})  # h10 twice
+    assert (
+        msg == "x.yaml: gemms[1].gemms[0], i=10 (h10): duplicate name, also gemms[1].gemms[1], i=0"
+    )
+
+
+def test_repeat_template_errors_name_the_place():
+    msg = _repeat_err({"repeat": 2, "gemms": [_fc("h.{i}"), _fc("h.{i}.b", rows=0)]})
+    assert msg == "x.yaml: gemms[1].gemms[1] (h.{i}.b): 'rows' must be a positive integer, got 0"
+    msg = _repeat_err({"repeat": 2, "gemms": [5]})
+    assert msg == "x.yaml: gemms[1].gemms[0]: expected a mapping, got int"
+    msg = _repeat_err({"repeat": 2, "gemms": [{"repeat": 2, "gemms": [_fc("h.{i}")]}]})
+    assert msg == "x.yaml: gemms[1].gemms[0]: a repeated block may not hold a repeat"
+    tied = _fc("h.{i}.b", **{"in": 5}, shared_with="h.{i}.a")
+    msg = _repeat_err({"repeat": 2, "gemms": [_fc("h.{i}.a"), tied]})
+    assert msg == (
+        "x.yaml: gemms[1].gemms[1], i=0 (h.0.b): 'shared_with': h.0.a's weight is 3072x768, "
+        "not 3072x5 or its transpose"
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        ({"repeat": 2, "gemms": [_fc("h{i}")], "name": "h"}, "unknown field 'name' (a repeat has"),
+        ({"repeat": 2}, "'gemms' must be a non-empty list (the repeated block)"),
+        ({"repeat": 2, "gemms": []}, "'gemms' must be a non-empty list (the repeated block)"),
+        ({"repeat": 2, "gemms": {"name": "h{i}"}}, "'gemms' must be a non-empty list"),
+        ({"repeat": 2, "start": -1, "gemms": [_fc("h{i}")]}, "'start' must be an integer from 0"),
+        ({"repeat": 2, "start": "1", "gemms": [_fc("h{i}")]}, "(the first block's index), got '1'"),
+        ({"repeat": 2, "start": 2**30, "gemms": [_fc("h{i}")]}, "from 0 to 16777216"),
+    ],
+)
+def test_repeat_bad_fields(entry, needle):
+    msg = _repeat_err(entry)
+    assert msg.startswith("x.yaml: gemms[1] (repeat): ") and needle in msg, msg
+
+
+def test_compact_writer_finds_blocks():
+    g = []
+    g.append(Gemm("embed", LayerType.EMBEDDING, 8, 16, rows=4))
+    for i in range(2, 6):  # start 2; the outer index wins over the experts' inner one
+        for e in range(3):
+            g.append(Gemm(f"layers.{i}.experts.{e}.w", LayerType.MLP, 16, 32, rows=2))
+        g.append(Gemm(f"layers.{i}.gate", LayerType.OTHER, 16, 3, rows=4))
+    g.append(Gemm("layers.6.gate", LayerType.OTHER, 16, 3, rows=4))  # not the same block
+    g.append(Gemm("h.07.fc", LayerType.MLP, 8, 8, rows=1))  # leading zeros: not an index
+    g.append(Gemm("h.08.fc", LayerType.MLP, 8, 8, rows=1))
+    s = ModelSchema("moe", g)
+    d = s.to_dict(compact=True)["gemms"]
+    assert [e.get("name", e.get("repeat")) for e in d] == [
+        "embed",
+        4,
+        "layers.6.gate",
+        "h.07.fc",
+        "h.08.fc",
+    ]
+    assert d[1]["start"] == 2
+    assert [t["name"] for t in d[1]["gemms"]] == [
+        "layers.{i}.experts.0.w",
+        "layers.{i}.experts.1.w",
+        "layers.{i}.experts.2.w",
+        "layers.{i}.gate",
+    ]
+    assert ModelSchema.from_yaml(s.to_yaml(compact=True)) == s
+
+
+def test_compact_writer_leaves_what_it_cannot_repeat():
+    lit = [{"name": f"h.{i}.{{i}}", "type": "mlp", "in": 2, "out": 2, "rows": 1} for i in range(3)]
+    assert compact_entries(lit) == lit  # a literal {i} would be read as the index
+    odd = [{"name": f"h.{i}", "type": "mlp", "in": 2, "out": 2, "rows": i + 1} for i in range(3)]
+    assert compact_entries(odd) == odd  # the blocks differ
+    gap = [{"name": f"h.{i}", "type": "mlp", "in": 2, "out": 2, "rows": 1} for i in (0, 2, 4)]
+    assert compact_entries(gap) == gap  # the index does not count up by one
+    one = [{"name": "h.0", "type": "mlp", "in": 2, "out": 2, "rows": 1}]
+    assert compact_entries(one) == one
+
+
+@st.composite
+def repeated_schemas(draw) -> ModelSchema:
+    """Schemas made of runs of numbered blocks, some identical and some not."""
+    gemms: list[Gemm] = []
+    for b in range(draw(st.integers(1, 4))):
+        prefix = draw(st.sampled_from(["h", "model.layers", "a.b", f"s{b}"]))
+        block = [draw(gemms_(f"x{k}")) for k in range(draw(st.integers(1, 3)))]
+        start = draw(st.integers(0, 3))
+        for i in range(start, start + draw(st.integers(1, 4))):
+            vary = draw(st.booleans()) and draw(st.booleans())
+            for g in block:
+                gemms.append(
+                    replace(
+                        g,
+                        name=f"{prefix}.{i}.{g.name}",
+                        rows=max(1, g.rows - vary),
+                        shared_with=None,
+                    )
+                )
+    seen: set[str] = set()
+    gemms = [g for g in gemms if not (g.name in seen or seen.add(g.name))]
+    return ModelSchema("r", gemms)
+
+
+gemms_ = gemms
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(schemas(), repeated_schemas()))
+def test_compact_round_trip_property(s):
+    text = s.to_yaml(compact=True)
+    back = ModelSchema.from_yaml(text, "prop.yaml")
+    assert back == s
+    assert back.to_yaml(compact=True) == text
+    assert back.to_yaml() == s.to_yaml()
