@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pxcompile.kernels import select
 from pxcompile.kernels.cpu.linear import (
     PixelflyLinearFn,
     clear_workspaces,
@@ -127,6 +128,13 @@ class PixelflyLinear(WeightViews, nn.Module):
     there is no dense ``[out, in]`` parameter. ``spec`` must fit the weight exactly
     (``spec.misfit(out, in, spec.pattern_block) is None``), else ``ValueError``.
 
+    A padded ``spec`` (``padded_out`` / ``padded_in``) lays the pattern on a zero-padded
+    ``[padded out, padded in]`` weight: ``blocks``, ``lowrank_u`` and ``lowrank_v`` have the
+    padded sizes, the input is padded with zeros and the output sliced to ``out_features``
+    inside the layer, so its shapes are those of the real weight; ``dense_weight()``,
+    ``mask()`` and ``weight`` are the real ``[out, in]`` ones (the padding stays zero: the
+    padded input is zero and the padded outputs are dropped, so it gets no gradient).
+
     ``weight`` (read-only) is a :class:`~pxcompile.nn.weight.PixelflyWeight`: code written
     for ``nn.Linear`` that reads ``self.fc.weight.dtype`` or calls ``F.linear(x,
     self.fc.weight, b)`` keeps working, and its GEMMs run this layer's kernel
@@ -146,12 +154,17 @@ class PixelflyLinear(WeightViews, nn.Module):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.spec = spec
-        self.layout = make_layout(spec, self.out_features, self.in_features)
+        why = spec.misfit(self.out_features, self.in_features, block=spec.pattern_block)
+        if why:
+            raise ValueError(f"PixelflyLinear({in_features} -> {out_features}), {spec}: {why}")
+        #: The sides the pattern is laid on (the real ones unless ``spec`` is padded).
+        self.padded_out, self.padded_in = spec.sides(self.out_features, self.in_features)
+        self.layout = make_layout(spec.unpadded(), self.padded_out, self.padded_in)
         fk = {"device": device, "dtype": dtype}
         self.blocks = nn.Parameter(torch.empty(self.layout.block_shape, **fk))
         if spec.rank > 0:
-            self.lowrank_u = nn.Parameter(torch.empty(self.out_features, spec.rank, **fk))
-            self.lowrank_v = nn.Parameter(torch.empty(spec.rank, self.in_features, **fk))
+            self.lowrank_u = nn.Parameter(torch.empty(self.padded_out, spec.rank, **fk))
+            self.lowrank_v = nn.Parameter(torch.empty(spec.rank, self.padded_in, **fk))
         else:
             self.register_parameter("lowrank_u", None)
             self.register_parameter("lowrank_v", None)
@@ -178,21 +191,52 @@ class PixelflyLinear(WeightViews, nn.Module):
     # ---------------------------------------------------------------------------- init
 
     def reset_parameters(self) -> None:
-        """Reference (scratch) init: dense Kaiming-uniform (as ``nn.Linear``), each block row
-        scaled by ``sqrt(blocks in row / kept blocks in row)``, sparsified; small random
-        low-rank factors. Sampling only the kept blocks is the same distribution (i.i.d.)."""
+        """Scratch init: the layer's output has the variance of a fresh ``nn.Linear``'s
+        (Kaiming-uniform, entry variance ``1 / (3 fan_in)``), split between the two parts by
+        their share of the layer's parameters (``share = lowrank density / density``).
+
+        The butterfly part is the reference's init: Kaiming-uniform, each block row scaled by
+        ``sqrt(blocks in row / kept blocks in row)`` (so kept fan-in times entry variance is
+        the dense layer's), times ``sqrt(1 - share)``; sampling only the kept blocks is the
+        same distribution (i.i.d.). The low-rank part: ``V`` Kaiming-uniform, ``U`` uniform
+        with variance ``share / rank``, so ``U V^T``'s entries have variance
+        ``share / (3 fan_in)`` (about 20-50x the std of the previous ``1e-2`` init; the
+        reference code starts its gated low-rank term at a similar scale)."""
         with torch.no_grad():
             bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5))
-            scale = math.sqrt(1.0 / self.spec.block_density)  # same in every (stretched) row
+            share = self.lowrank_share
+            # same in every (stretched) row
+            scale = math.sqrt((1.0 - share) / self.spec.block_density)
             self.blocks.uniform_(-bound * scale, bound * scale)
             if self.lowrank_u is not None:
-                r = self.spec.rank
                 self.lowrank_v.uniform_(-bound, bound)
-                # U V^T entries ~ 1e-2 of the butterfly's scale
-                ub = 1e-2 * scale * math.sqrt(3.0 / r)
+                ub = math.sqrt(3.0 * share / self.spec.rank)
                 self.lowrank_u.uniform_(-ub, ub)
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
+        self._zero_padding()
+
+    @property
+    def lowrank_share(self) -> float:
+        """The low-rank term's share of the layer's parameters (0 without one): the share of
+        the output variance the scratch init gives it."""
+        if self.spec.rank == 0:
+            return 0.0
+        lr = self.spec.lowrank_density(self.in_features, self.out_features)
+        return lr / self.spec.density(self.in_features, self.out_features)
+
+    def _zero_padding(self) -> None:
+        """Zero the parameters' entries in a padded pattern's padding (they never touch the
+        output, so they only need to start, and then stay, at zero)."""
+        if not self.spec.padded:
+            return
+        with torch.no_grad():
+            real = self.blocks.new_zeros(self.padded_out, self.padded_in)
+            real[: self.out_features, : self.in_features] = 1
+            self.blocks.mul_(self._pack(real))
+            if self.lowrank_u is not None:
+                self.lowrank_u[self.out_features :].zero_()
+                self.lowrank_v[:, self.in_features :].zero_()
 
     @classmethod
     def from_dense(
@@ -215,7 +259,7 @@ class PixelflyLinear(WeightViews, nn.Module):
         if init != "dense":
             raise ValueError(f"init must be 'dense' or 'scratch', got {init!r}")
         with torch.no_grad():
-            w = weight.detach()
+            w = layer._pad_weight(weight.detach())
             layer.blocks.copy_(layer._pack(w))
             if bias is not None:
                 layer.bias.copy_(bias.detach())
@@ -223,7 +267,7 @@ class PixelflyLinear(WeightViews, nn.Module):
             lo = layer.layout
             dropped = ~torch.as_tensor(_xor_keep(spec.butterfly, spec.factors), device=w.device)
             resid = (w.reshape(lo.n, lo.c_out, lo.n, lo.c_in) * dropped[:, None, :, None]).reshape(
-                out_f, in_f
+                w.shape
             )
             err2 = float(resid.double().square().sum())
             if spec.rank > 0:
@@ -252,8 +296,16 @@ class PixelflyLinear(WeightViews, nn.Module):
         ar = torch.arange(self.layout.n, device=self.blocks.device)[:, None].expand_as(idx)
         return ar, idx
 
+    def _pad_weight(self, w: Tensor) -> Tensor:
+        """A real ``[out, in]`` weight zero-padded to the pattern's sides (as is if none)."""
+        if not self.spec.padded:
+            return w
+        pad = (0, self.padded_in - self.in_features, 0, self.padded_out - self.out_features)
+        return F.pad(w, pad)
+
     def _pack(self, w: Tensor) -> Tensor:
-        """Kept blocks of a dense ``[out, in]`` weight, in this layer's ``blocks`` layout."""
+        """Kept blocks of a dense (padded) ``[out, in]`` weight, in this layer's ``blocks``
+        layout."""
         lo = self.layout
         w4 = w.reshape(lo.n, lo.c_out, lo.n, lo.c_in)
         ar, idx = self._cell_index()
@@ -275,21 +327,24 @@ class PixelflyLinear(WeightViews, nn.Module):
         else:
             vals = self.blocks.view(lo.n, lo.f1, lo.c_out, lo.c_in)
             w4 = _put(w4, idx, ar, vals)
-        return w4.reshape(self.out_features, self.in_features)
+        w = w4.reshape(self.padded_out, self.padded_in)
+        if self.spec.padded:
+            w = w[: self.out_features, : self.in_features].contiguous()
+        return w
 
     def dense_weight(self) -> Tensor:
         """``B + U V^T`` as a dense ``[out, in]`` tensor, differentiable (for references)."""
         w = self.block_weight()
         if self.lowrank_u is not None:
-            w = w + self.lowrank_u @ self.lowrank_v
+            w = w + self.lowrank_u[: self.out_features] @ self.lowrank_v[:, : self.in_features]
         return w
 
     def mask(self) -> Tensor:
         """Boolean ``[out, in]`` element mask of ``B``."""
         pb = self.spec.pattern_block
         m = block_mask(self.spec, self.out_features, self.in_features, block=pb)
-        m = np.kron(m, np.ones((pb, pb), dtype=bool))
-        return torch.as_tensor(m, device=self.blocks.device)
+        m = np.kron(m, np.ones((pb, pb), dtype=bool))[: self.out_features, : self.in_features]
+        return torch.as_tensor(np.ascontiguousarray(m), device=self.blocks.device)
 
     @property
     def density(self) -> float:
@@ -301,6 +356,8 @@ class PixelflyLinear(WeightViews, nn.Module):
             f"bias={self.bias is not None}, density={self.density:.4f} "
             f"(butterfly {self.spec.block_density:.4f}), spec={self.spec}, "
             f"layout={self.layout.mode}"
+        ) + "".join(
+            f", {t}" for t in [self.spec.padding_text(self.out_features, self.in_features)] if t
         )
 
     # ---------------------------------------------------------------------------- forward
@@ -335,6 +392,11 @@ class PixelflyLinear(WeightViews, nn.Module):
         if x2.shape[0] == 0:
             return x.new_zeros(*lead, self.out_features)
         m = x2.shape[0]
+        out = self.out_features
+        if self.spec.padded:  # zeros in, padding out (the kernel runs at the padded sides)
+            x2 = F.pad(x2, (0, self.padded_in - self.in_features))
+            if bias is not None:
+                bias = F.pad(bias, (0, self.padded_out - out))
         tile = TILE_ROWS if self.tile_rows is None else self.tile_rows
         path = self.path or self.choose_path(m)
         if path not in ("eager", "compiled"):
@@ -342,10 +404,16 @@ class PixelflyLinear(WeightViews, nn.Module):
         args = (x2, self.blocks, self.lowrank_u, self.lowrank_v, bias)
         cfg = (self.gather_index, self.cell_index, self.layout.mode, self.layout.f1, tile)
         comp = path == "compiled" and COMPILE
-        if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
+        if select("linear", x2) == "triton":  # pxcompile.kernels: PXCOMPILE_KERNELS, device
+            from pxcompile.kernels.triton.linear import pixelfly_linear as triton_linear
+
+            y = triton_linear(*args, self.cell_index, self.layout.mode == "gather")
+        elif torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
             y = PixelflyLinearFn.apply(*args, *cfg, comp)
         else:  # inference: no autograd.Function, nothing saved
             y = forward_body(*args, *cfg, False, comp)[0]
+        if self.spec.padded:
+            y = y[:, :out].clone(memory_format=torch.contiguous_format)  # fresh, not a view
         if len(lead) == 1:
             return y
         # Not a view (``_base`` is None): FSDP2 hooks on a view would be dropped by an
@@ -401,14 +469,18 @@ def masked_dense_reference(
     u: Tensor | None = None,
     v: Tensor | None = None,
 ):
-    """The reference semantics as a function ``x -> F.linear(x, weight * mask, bias) + (x V^T) U^T``.
+    """The reference semantics as a function ``x -> F.linear(x, weight * mask, bias) + (x V^T) U^T``
+    (for a padded ``spec``: the real ``[out, in]`` part of the padded mask and factors).
 
     For tests and benchmarks only: it does dense work and is never faster than dense.
     """
     out_f, in_f = weight.shape
     pb = spec.pattern_block
     m = block_mask(spec, out_f, in_f, block=pb)
-    mask = torch.as_tensor(np.kron(m, np.ones((pb, pb), dtype=bool)), device=weight.device)
+    m = np.kron(m, np.ones((pb, pb), dtype=bool))[:out_f, :in_f]  # a padded mask: real part
+    mask = torch.as_tensor(np.ascontiguousarray(m), device=weight.device)
+    if u is not None:  # a padded layer's factors: their real part
+        u, v = u[:out_f], v[:, :in_f]
 
     def ref(x: Tensor) -> Tensor:
         y = F.linear(x, weight * mask, bias)

@@ -357,7 +357,7 @@ def test_inside_a_model_trains():
         loss = torch.nn.functional.mse_loss(model(x), target)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0]
 
 
@@ -521,3 +521,102 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     with pytest.warns(RuntimeWarning, match="eager"):
         _check_against_reference(layer, torch.randn(20, 64))
     assert K._COMPILE_FAILED
+
+
+# -- padded patterns (issue #12.3): the pattern is laid on a zero-padded weight; the layer pads
+# its input and slices its output, so its shapes and semantics are the real weight's.
+PADDED = [
+    (50, 64, PatternSpec(4, 1, 8, 2, padded_in=64)),  # gather mode, input padded
+    (64, 50, PatternSpec(4, 1, 8, 3, padded_out=64)),  # scatter mode, output padded
+    (50, 100, PatternSpec(4, 2, 8, 0, padded_out=128, padded_in=64)),  # both sides
+    (60, 24, PatternSpec(4, 1, 8, 4, padded_out=32, padded_in=64)),  # scatter, both
+]
+PADDED_IDS = [f"{i}x{o}-pad{s.padded_out}x{s.padded_in}r{s.rank}" for i, o, s in PADDED]
+
+
+@pytest.mark.parametrize(("fin", "fout", "spec"), PADDED, ids=PADDED_IDS)
+def test_padded_matches_masked_dense(fin, fout, spec, path):
+    """Outputs and every gradient (input, blocks, bias, low-rank) against the masked-dense
+    reference of the real weight, on every forced path."""
+    torch.manual_seed(0)
+    _, p, tile = path
+    layer = PixelflyLinear(fin, fout, spec)
+    layer.path, layer.tile_rows = p, tile
+    _check_against_reference(layer, torch.randn(37, fin))
+    x = torch.randn(2, 3, fin)
+    y = layer(x)
+    assert y.shape == (2, 3, fout) and y._base is None
+    y1 = layer(torch.randn(fin))
+    assert y1.shape == (fout,) and y1._base is None
+    with torch.no_grad():
+        assert torch.allclose(layer(x), y, atol=1e-6)
+
+
+@pytest.mark.parametrize(("fin", "fout", "spec"), PADDED[:2], ids=PADDED_IDS[:2])
+def test_padded_gradcheck_float64(fin, fout, spec):
+    torch.manual_seed(0)
+    layer = PixelflyLinear(fin, fout, spec, dtype=torch.float64)
+    x = torch.randn(4, fin, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, *ps: layer(x), (x, *layer.parameters()), fast_mode=True
+    )
+
+
+@pytest.mark.parametrize(("fin", "fout", "spec"), PADDED, ids=PADDED_IDS)
+def test_padded_parameters_masks_and_from_dense(fin, fout, spec):
+    torch.manual_seed(0)
+    po, pi = spec.sides(fout, fin)
+    layer = PixelflyLinear(fin, fout, spec)
+    assert (layer.padded_out, layer.padded_in) == (po, pi)
+    pb = spec.pattern_block
+    assert layer.blocks.numel() == spec.kept_blocks(fout, fin) * pb * pb
+    if spec.rank:
+        assert layer.lowrank_u.shape == (po, spec.rank)
+        assert layer.lowrank_v.shape == (spec.rank, pi)
+        assert not layer.lowrank_u[fout:].any() and not layer.lowrank_v[:, fin:].any()
+    full = PixelflyLinear(pi, po, spec.unpadded())  # the same blocks on the padded weight
+    full.load_state_dict({k: v for k, v in layer.state_dict().items() if k != "bias"}, strict=False)
+    assert not full.block_weight()[fout:].any() and not full.block_weight()[:, fin:].any()
+    m = layer.mask()
+    assert m.shape == (fout, fin) and torch.equal(m, full.mask()[:fout, :fin])
+    assert layer.dense_weight().shape == (fout, fin) and layer.weight.shape == (fout, fin)
+    assert "padded" in repr(layer)
+    w, b = torch.randn(fout, fin), torch.randn(fout)
+    d = PixelflyLinear.from_dense(w, b, spec)
+    assert torch.equal(d.block_weight(), w * m)
+    assert 0 <= d.init_error < 1
+    if not spec.rank:
+        assert d.init_error == pytest.approx(float((w * ~m).norm() / w.norm()), rel=1e-5)
+    x = torch.randn(7, fin)
+    with torch.no_grad():
+        ref = masked_dense_reference(w, b, spec, d.lowrank_u, d.lowrank_v)
+        assert torch.allclose(d(x), ref(x), atol=1e-5)
+        assert torch.allclose(d(x), torch.nn.functional.linear(x, d.dense_weight(), b), atol=1e-5)
+
+
+def test_padded_layer_trains_and_its_padding_stays_zero():
+    torch.manual_seed(0)
+    spec = PatternSpec(4, 1, 8, 2, padded_out=64, padded_in=64)
+    layer = PixelflyLinear(50, 60, spec)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=0.1)
+    x, t = torch.randn(32, 50), torch.randn(32, 60)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = (layer(x) - t).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    full = PixelflyLinear(64, 64, spec.unpadded(), bias=False)
+    with torch.no_grad():
+        full.blocks.copy_(layer.blocks)
+    assert not full.block_weight()[60:].any() and not full.block_weight()[:, 50:].any()
+    assert not layer.lowrank_u[60:].any() and not layer.lowrank_v[:, 50:].any()
+
+
+def test_padded_misfit_raises():
+    with pytest.raises(ValueError, match="padded 'in'=40 is smaller"):
+        PixelflyLinear(50, 64, PatternSpec(4, 1, 8, padded_in=40))
+    with pytest.raises(ValueError, match="more than 2x"):
+        PixelflyLinear(20, 64, PatternSpec(4, 1, 8, padded_in=64))
