@@ -66,7 +66,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pxcompile.kernels import select
 from pxcompile.kernels.cpu.linear import (
     PixelflyLinearFn,
     clear_workspaces,
@@ -191,39 +190,22 @@ class PixelflyLinear(WeightViews, nn.Module):
     # ---------------------------------------------------------------------------- init
 
     def reset_parameters(self) -> None:
-        """Scratch init: the layer's output has the variance of a fresh ``nn.Linear``'s
-        (Kaiming-uniform, entry variance ``1 / (3 fan_in)``), split between the two parts by
-        their share of the layer's parameters (``share = lowrank density / density``).
-
-        The butterfly part is the reference's init: Kaiming-uniform, each block row scaled by
-        ``sqrt(blocks in row / kept blocks in row)`` (so kept fan-in times entry variance is
-        the dense layer's), times ``sqrt(1 - share)``; sampling only the kept blocks is the
-        same distribution (i.i.d.). The low-rank part: ``V`` Kaiming-uniform, ``U`` uniform
-        with variance ``share / rank``, so ``U V^T``'s entries have variance
-        ``share / (3 fan_in)`` (about 20-50x the std of the previous ``1e-2`` init; the
-        reference code starts its gated low-rank term at a similar scale)."""
+        """Reference (scratch) init: dense Kaiming-uniform (as ``nn.Linear``), each block row
+        scaled by ``sqrt(blocks in row / kept blocks in row)``, sparsified; small random
+        low-rank factors. Sampling only the kept blocks is the same distribution (i.i.d.)."""
         with torch.no_grad():
             bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5))
-            share = self.lowrank_share
-            # same in every (stretched) row
-            scale = math.sqrt((1.0 - share) / self.spec.block_density)
+            scale = math.sqrt(1.0 / self.spec.block_density)  # same in every (stretched) row
             self.blocks.uniform_(-bound * scale, bound * scale)
             if self.lowrank_u is not None:
+                r = self.spec.rank
                 self.lowrank_v.uniform_(-bound, bound)
-                ub = math.sqrt(3.0 * share / self.spec.rank)
+                # U V^T entries ~ 1e-2 of the butterfly's scale
+                ub = 1e-2 * scale * math.sqrt(3.0 / r)
                 self.lowrank_u.uniform_(-ub, ub)
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
         self._zero_padding()
-
-    @property
-    def lowrank_share(self) -> float:
-        """The low-rank term's share of the layer's parameters (0 without one): the share of
-        the output variance the scratch init gives it."""
-        if self.spec.rank == 0:
-            return 0.0
-        lr = self.spec.lowrank_density(self.in_features, self.out_features)
-        return lr / self.spec.density(self.in_features, self.out_features)
 
     def _zero_padding(self) -> None:
         """Zero the parameters' entries in a padded pattern's padding (they never touch the
@@ -404,11 +386,7 @@ class PixelflyLinear(WeightViews, nn.Module):
         args = (x2, self.blocks, self.lowrank_u, self.lowrank_v, bias)
         cfg = (self.gather_index, self.cell_index, self.layout.mode, self.layout.f1, tile)
         comp = path == "compiled" and COMPILE
-        if select("linear", x2) == "triton":  # pxcompile.kernels: PXCOMPILE_KERNELS, device
-            from pxcompile.kernels.triton.linear import pixelfly_linear as triton_linear
-
-            y = triton_linear(*args, self.cell_index, self.layout.mode == "gather")
-        elif torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
+        if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
             y = PixelflyLinearFn.apply(*args, *cfg, comp)
         else:  # inference: no autograd.Function, nothing saved
             y = forward_body(*args, *cfg, False, comp)[0]
