@@ -4,10 +4,13 @@ inputs are its tensors and whose pattern is a handful of ints (no Python object,
 
     y = torch.ops.pxcompile.pixelfly_linear(
         x, blocks, lowrank_u, lowrank_v, bias,
-        in_features, out_features, butterfly, factors, pattern_block, rank)
+        in_features, out_features, butterfly, factors, pattern_block, rank
+        [, padded_out, padded_in])
 
 is exactly ``PixelflyLinear(in_features, out_features, PatternSpec(butterfly, factors,
-pattern_block, rank), bias=bias is not None)`` run on ``x`` with those parameters: the
+pattern_block, rank, padded_out, padded_in), bias=bias is not None)`` run on ``x`` with those
+parameters (the padded sides are passed only for a padded pattern, so graphs of unpadded
+layers are what they were before padding existed, and files saved then still load): the
 implementation builds such a layer once per (shape, pattern, dtype, device, thread), keeps it
 as a *shell*, and calls it through :func:`torch.func.functional_call` with the given tensors,
 so the op runs the very same code (and gives bitwise the same results) as the module.
@@ -76,8 +79,10 @@ def _shell(
     return layer
 
 
-def _run(x, blocks, lowrank_u, lowrank_v, bias, in_f, out_f, n, f, pb, rank) -> Tensor:
-    spec = PatternSpec(n, f, pb, rank)
+def _run(
+    x, blocks, lowrank_u, lowrank_v, bias, in_f, out_f, n, f, pb, rank, pad_out=0, pad_in=0
+) -> Tensor:
+    spec = PatternSpec(n, f, pb, rank, pad_out, pad_in)
     shell = _shell(in_f, out_f, spec, bias is not None, blocks.dtype, blocks.device)
     params = {"blocks": blocks}
     if lowrank_u is not None:
@@ -116,6 +121,8 @@ def pixelfly_linear(
     factors: int,
     pattern_block: int,
     rank: int,
+    padded_out: int = 0,
+    padded_in: int = 0,
 ) -> Tensor:
     """``PixelflyLinear`` with the given parameters, as one operator (see the module doc)."""
     with torch.no_grad():
@@ -131,6 +138,8 @@ def pixelfly_linear(
             factors,
             pattern_block,
             rank,
+            padded_out,
+            padded_in,
         )
     return _fresh([y], (x, blocks, lowrank_u, lowrank_v, bias))[0]
 
@@ -171,12 +180,23 @@ def pixelfly_linear_backward(
     factors: int,
     pattern_block: int,
     rank: int,
+    padded_out: int,
+    padded_in: int,
     wanted: int,
 ) -> list[Tensor]:
     """Gradients of ``pixelfly_linear`` with respect to its inputs (``x, blocks, u, v, bias``)
     whose bit is set in ``wanted``, in that order: the forward recomputed with autograd on.
     An op of its own so that tracing a backward (aot autograd) sees one opaque node."""
-    cfg = (in_features, out_features, butterfly, factors, pattern_block, rank)
+    cfg = (
+        in_features,
+        out_features,
+        butterfly,
+        factors,
+        pattern_block,
+        rank,
+        padded_out,
+        padded_in,
+    )
     tensors = (x, blocks, lowrank_u, lowrank_v, bias)
     with _autograd_on(), torch.enable_grad():
         leaves = [
@@ -217,10 +237,10 @@ def _backward(ctx, grad):
 pixelfly_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
-def spec_args(layer: PixelflyLinear) -> tuple[int, int, int, int, int, int]:
-    """The op's int arguments for ``layer``."""
+def spec_args(layer: PixelflyLinear) -> tuple[int, ...]:
+    """The op's int arguments for ``layer`` (the padded sides only for a padded pattern)."""
     s = layer.spec
-    return (
+    args = (
         int(layer.in_features),
         int(layer.out_features),
         int(s.butterfly),
@@ -228,6 +248,7 @@ def spec_args(layer: PixelflyLinear) -> tuple[int, int, int, int, int, int]:
         int(s.pattern_block),
         int(s.rank),
     )
+    return (*args, int(s.padded_out), int(s.padded_in)) if s.padded else args
 
 
 class PixelflyOp(WeightViews, nn.Module):
@@ -268,8 +289,12 @@ class PixelflyOp(WeightViews, nn.Module):
         return self.linear(eye, None).t()
 
     def extra_repr(self) -> str:
-        return "in={}, out={}, butterfly={}, factors={}, pattern_block={}, rank={}".format(
-            *self.cfg
+        pad = ", padded_out={}, padded_in={}".format(*self.cfg[6:]) if len(self.cfg) > 6 else ""
+        return (
+            "in={}, out={}, butterfly={}, factors={}, pattern_block={}, rank={}".format(
+                *self.cfg[:6]
+            )
+            + pad
         )
 
 

@@ -270,6 +270,29 @@ def test_op_registration():
         assert torch.equal(torch.ops.pxcompile.pixelfly_linear(*args), layer(x))
 
 
+def test_op_with_a_padded_pattern():
+    """A padded layer's op call carries its padded sides (issue #12.3); an unpadded one's is
+    the six ints it always was (files saved before padding existed still load)."""
+    from pxcompile.ops import PixelflyOp, spec_args
+
+    torch.manual_seed(0)
+    layer = PixelflyLinear(50, 60, pxcompile.PatternSpec(4, 1, 8, 2, padded_out=64, padded_in=64))
+    assert spec_args(layer)[6:] == (64, 64)
+    assert len(spec_args(PixelflyLinear(64, 128, pxcompile.PatternSpec(4, 2, 8, 4)))) == 6
+    x = torch.randn(6, 50, requires_grad=True)
+    args = (x, layer.blocks, layer.lowrank_u, layer.lowrank_v, layer.bias, *spec_args(layer))
+    torch.library.opcheck(torch.ops.pxcompile.pixelfly_linear.default, args)
+    op = PixelflyOp(layer)
+    y, want = op(x), layer(x)
+    assert y.shape == (6, 60) and torch.equal(y, want) and "padded_in=64" in repr(op)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, layer.blocks, layer.lowrank_u], g)
+    ref = torch.autograd.grad(want, [x, layer.blocks, layer.lowrank_u], g)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(op.dense_weight(), layer.dense_weight())
+
+
 # ------------------------------------------------------------------------------ safety
 
 
