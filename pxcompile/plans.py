@@ -61,8 +61,17 @@ class LayerPlan:
         return p.density(self.gemm.in_features, self.gemm.out_features)
 
     @property
+    def padding(self) -> str:
+        """How the weight is padded for its pattern (``'padded in 196->384'``; '' if not)."""
+        p = self.pattern
+        if not isinstance(p, PatternSpec):
+            return ""
+        return p.padding_text(self.gemm.out_features, self.gemm.in_features)
+
+    @property
     def block_density(self) -> float:
-        """Density of the block mask alone (what ``--masks-out`` writes)."""
+        """Density of the block mask alone (what ``--masks-out`` writes; of the padded weight
+        for a padded pattern)."""
         p = self.pattern
         if p is None:
             return 1.0
@@ -88,7 +97,8 @@ class LayerPlan:
             return g.params
         p = self.pattern
         kept = p.kept_blocks(g.out_features, g.in_features) * p.pattern_block**2
-        return kept + p.rank * (g.in_features + g.out_features) + (g.out_features if g.bias else 0)
+        po, pi = p.sides(g.out_features, g.in_features)  # a padded layer stores padded factors
+        return kept + p.rank * (pi + po) + (g.out_features if g.bias else 0)
 
     @property
     def kept_per_row(self) -> int | None:
@@ -97,8 +107,9 @@ class LayerPlan:
         return self.pattern.kept_per_row(self.gemm.out_features, self.gemm.in_features)
 
     def mask(self, block: int) -> np.ndarray | None:
-        """The weight's mask over ``block`` x ``block`` hardware blocks; for attention, the
-        score matrix's mask over sequence blocks (the pattern's own block)."""
+        """The weight's mask over ``block`` x ``block`` hardware blocks (of the padded weight
+        for a padded pattern); for attention, the score matrix's mask over sequence blocks
+        (the pattern's own block)."""
         if self.pattern is None:
             return None
         if isinstance(self.pattern, AttentionSpec):
@@ -419,9 +430,15 @@ def _layer_from_dict(e: Any, i: int, source: str, block: int) -> LayerPlan:
         raise PlanError(f"{where}: a sparse layer needs a 'pattern' mapping")
     if "butterfly" not in p and ltype.is_activation:
         return LayerPlan(gemm, _attention_from_dict(p, where, gemm), reason or "pattern from plan")
-    unknown = set(p) - {"butterfly", "factors", "pattern_block", "rank"}
+    unknown = set(p) - {"butterfly", "factors", "pattern_block", "rank", "padded_out", "padded_in"}
     if unknown:
         raise PlanError(f"{where}: pattern: unknown field {sorted(unknown)[0]!r}")
+    padded = {}
+    for k in ("padded_out", "padded_in"):
+        v = p.get(k, 0)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise PlanError(f"{where}: pattern.{k} must be a non-negative integer, got {v!r}")
+        padded[k] = v
     for k in ("butterfly", "factors", "pattern_block"):
         v = p.get(k)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
@@ -430,14 +447,15 @@ def _layer_from_dict(e: Any, i: int, source: str, block: int) -> LayerPlan:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise PlanError(f"{where}: pattern.rank must be a non-negative integer, got {rank!r}")
     try:
-        spec = PatternSpec(p["butterfly"], p["factors"], p["pattern_block"], rank)
+        spec = PatternSpec(p["butterfly"], p["factors"], p["pattern_block"], rank, **padded)
     except ValueError as err:
         raise PlanError(f"{where}: pattern: {err}") from None
     why = spec.misfit(gemm.out_features, gemm.in_features, block)
     if why:
         raise PlanError(f"{where}: pattern does not fit: {why}")
     if spec.density(gemm.in_features, gemm.out_features) >= 1:
-        raise PlanError(f"{where}: pattern keeps the whole weight (density >= 1)")
+        what = " (padding included)" if spec.padded else ""
+        raise PlanError(f"{where}: pattern keeps the whole weight{what} (density >= 1)")
     return LayerPlan(gemm, spec, reason or "pattern from plan")
 
 

@@ -79,7 +79,7 @@ def plan_table(plan: Plan, extra_columns: dict[str, dict[str, str]] | None = Non
             dens,
             params,
             flops,
-            lp.reason,
+            "; ".join(filter(None, (lp.reason, lp.padding))),
             pred,
         ]
         cells += [extra_columns[title].get(g.name, "") for title in extra_columns]
@@ -183,6 +183,8 @@ def plan_json(plan: Plan) -> dict[str, Any]:
             kept_per_row=lp.kept_per_row,
             predicted_speedup=predicted_speedup(lp.gemm, lp.pattern),
         )
+        if lp.padding:  # 'padded in 196->384'; the padded sides are in the pattern
+            row["padding"] = lp.padding
     d["summary"]["predicted_speedup"] = model_predicted_speedup(plan)
     return d
 
@@ -227,8 +229,12 @@ def draw_png_bytes(plan: Plan, max_panels: int = 12) -> bytes:
                     f"g={a.globals}\nmask {lp.block_density:.3f}"
                 )
             else:
+                shape = f"{g.out_features}x{g.in_features}"
+                po, pi = p.sides(g.out_features, g.in_features)
+                if p.padded:
+                    shape += f" (padded {po}x{pi})"
                 title = (
-                    f"{g.out_features}x{g.in_features}\nn={p.butterfly} f={p.factors} "
+                    f"{shape}\nn={p.butterfly} f={p.factors} "
                     f"pb={p.pattern_block} r={p.rank}\nmask {lp.block_density:.3f}"
                 )
             distinct[key] = (g.name, m, title)

@@ -427,3 +427,68 @@ def test_attention_pattern_on_a_weight_and_missing_seq(tmp_path):
     d["layers"][0]["pattern"] = {"block": 64, "factors": 2, "globals": 1}
     with pytest.raises(PlanError, match="unknown field 'block'"):
         load_text(tmp_path, d)  # an mlp layer takes a butterfly pattern
+
+
+# -- padded patterns (issue #12.3) ------------------------------------------------------------
+def padded_plan() -> Plan:
+    g = Gemm("tok.fc1", LayerType.TOKEN_MIX, 196, 384, rows=6144, bias=True)
+    spec = PatternSpec(12, 1, 32, 8, padded_in=384)
+    dense = Gemm("ch.fc1", LayerType.MLP, 768, 3072, rows=1568)
+    return Plan(
+        "padded", 32, 0.3, [LayerPlan(g, spec, "allocated 0.350"), LayerPlan(dense, None, "x")]
+    )
+
+
+def test_padded_pattern_round_trips_and_counts_its_padding(tmp_path):
+    p = padded_plan()
+    lp = p["tok.fc1"]
+    assert lp.padding == "padded in 196->384"
+    assert lp.density == pytest.approx((2 * 12 * 32 * 32 + 8 * 768) / (196 * 384))
+    assert lp.flops == pytest.approx(lp.gemm.flops * lp.density)
+    assert lp.params == 24 * 32 * 32 + 8 * (384 + 384) + 384  # padded blocks and factors
+    assert lp.mask(32).shape == (12, 12) and p.masks()["tok.fc1"].shape == (12, 12)
+    d = p.to_dict()
+    assert d["layers"][0]["pattern"]["padded_in"] == 384
+    assert "padded_out" not in d["layers"][0]["pattern"]
+    f = tmp_path / "p.yaml"
+    p.save(f)
+    back = Plan.load(f)
+    assert back["tok.fc1"].pattern == lp.pattern and back.to_yaml() == p.to_yaml()
+
+
+def test_old_plans_without_padding_still_load():
+    d = plan_dict()
+    assert all("padded_in" not in lp.get("pattern", {}) for lp in d["layers"])
+    p = Plan.from_dict(d)
+    assert not any(lp.pattern.padded for lp in p.sparse_weight_layers)
+
+
+@pytest.mark.parametrize(
+    "padding,match",
+    [
+        ({"padded_in": 160}, "padded 'in'=160 is smaller than the weight's 196"),
+        ({"padded_in": 768}, "padded 'in'=768 is more than 2x the weight's 196"),
+        ({"padded_in": 256}, "'in'=196 padded to 256 is not a multiple of butterfly 12"),
+        ({"padded_out": 768}, "'in'=196 is not a multiple"),  # padding the wrong side
+        ({"padded_in": "384"}, "pattern.padded_in must be a non-negative integer"),
+        ({"padded_in": -384}, "pattern.padded_in must be a non-negative integer"),
+        ({"padded_in": True}, "pattern.padded_in must be a non-negative integer"),
+    ],
+)
+def test_bad_padding_in_a_plan_names_the_layer(tmp_path, padding, match):
+    d = padded_plan().to_dict()
+    pat = d["layers"][0]["pattern"]
+    pat.pop("padded_in")
+    pat.update(padding)
+    with pytest.raises(PlanError) as ei:
+        load_text(tmp_path, d)
+    msg = one_line(ei)
+    assert "layers[0] (tok.fc1)" in msg and match in msg, msg
+
+
+def test_padding_that_keeps_more_than_the_weight_is_refused(tmp_path):
+    d = padded_plan().to_dict()
+    d["layers"][0]["pattern"].update(butterfly=4, factors=1, rank=0, padded_out=768)  # 1.96
+    with pytest.raises(PlanError) as ei:
+        load_text(tmp_path, d)
+    assert "keeps the whole weight (padding included)" in one_line(ei)
