@@ -26,6 +26,7 @@ is installed) picks; the ``path`` column says which ran.
     python benchmarks/bench_gpu.py --only layer         # layer | attention | model (comma list)
     python benchmarks/bench_gpu.py --json out.json      # the rows as JSON too
     python benchmarks/bench_gpu.py --dry-run            # CPU, tiny shapes: checks the script
+    python benchmarks/bench_gpu.py --predict            # the cost model's predictions only (no GPU)
 
 Without CUDA (and without ``--dry-run``) it prints one line and exits with status 2.
 """
@@ -429,6 +430,82 @@ def print_models(rows: list[dict], budget: float, dtype: str) -> None:
         )
 
 
+# -- predictions (no GPU) ----------------------------------------------------------------------
+
+# the models' schemas at the batch the model table runs: (schema file, rows scale)
+MODEL_SCHEMAS = {"mixer-b16": ("mixer-b16.yaml", 64 / 8), "gpt2-small": ("gpt2-small.yaml", 1.0)}
+
+
+def predict_models(names: list[str], budget: float, model: GpuCost) -> list[dict]:
+    """Each model's schema planned with the GPU cost model; predicted GEMM time ratios (the
+    rest of a step, norms, activations, softmax, the optimizer, is not modelled)."""
+    from pxcompile.schema import ModelSchema
+
+    out = []
+    for name in names:
+        path, scale = MODEL_SCHEMAS[name]
+        schema = ModelSchema.load(ROOT / "schemas" / path).with_rows(scale)
+        plan = pxcompile.plan(schema, budget, cost_model=model)
+        dense = [0.0, 0.0]
+        px = [0.0, 0.0]
+        for lp in plan.layers:
+            g, spec = lp.gemm, lp.pattern
+            d = (model.dense_cost(g), model.dense_train_cost(g))
+            if isinstance(spec, PatternSpec):
+                c = (model.sparse_cost(g, spec), model.sparse_train_cost(g, spec))
+            elif isinstance(spec, AttentionSpec):
+                k = model.attention_speedup(g.seq or 1, spec)
+                c = (d[0] / k, d[1] / k)
+            else:
+                c = d
+            for i in range(2):
+                dense[i] += d[i]
+                px[i] += c[i]
+        out.append(
+            {
+                "model": name,
+                "rows": schema.gemms[-2].rows,
+                "sparse_gemms": len(plan.sparse_layers),
+                "gemms": len(plan.layers),
+                "eligible_kept": plan.summary.eligible_fraction,
+                "pred_fwd": dense[0] / px[0],
+                "pred_train": dense[1] / px[1],
+            }
+        )
+    return out
+
+
+def print_predictions(rows_: int, seqs: list[int], names: list[str], budget: float) -> dict:
+    model = GpuCost()
+    print(f"\n### Predicted by the GPU cost model (GpuCost defaults: H100 SXM, bf16), {rows_} rows")
+    print("| case | density | pattern (n/f/pb/r) | fwd | fwd+bwd |")
+    print("|---|---|---|---|---|")
+    layer = []
+    for label, fin, fout, _, spec in LAYER_CASES:
+        g = Gemm("fc", LayerType.MLP, fin, fout, rows=rows_, bias=True)
+        f, fb = model.dense_cost(g) / model.sparse_cost(g, spec), model.train_speedup(g, spec)
+        layer.append({"case": label, "density": spec.density(fin, fout), "fwd": f, "fwd_bwd": fb})
+        print(f"| {label} | {spec.density(fin, fout):.3f} | {spec.butterfly}/{spec.factors}/"
+              f"{spec.pattern_block}/{spec.rank} | {f:.2f}x | {fb:.2f}x |")  # fmt: skip
+    print("\n| tokens | block/factors/globals | kept (non-causal / causal) | vs flash | causal |")
+    print("|---|---|---|---|---|")
+    attention = []
+    for seq in seqs:
+        for a in ATTENTION_SPECS:
+            nc, c = model.attention_speedup(seq, a), model.attention_speedup(seq, a, True)
+            attention.append({"seq": seq, "spec": a.to_dict(), "pred": nc, "pred_causal": c})
+            print(f"| {seq} | {a.block}/{a.factors}/{a.globals} | {a.density(seq):.3f} / "
+                  f"{a.density(seq, True):.3f} | {nc:.2f}x | {c:.2f}x |")  # fmt: skip
+    models = predict_models(names, budget, model)
+    print(f"\n| model (schema, budget {budget}) | rows | sparse GEMMs | eligible kept "
+          "| GEMM time fwd | GEMM time train step |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in models:
+        print(f"| {r['model']} | {r['rows']} | {r['sparse_gemms']} of {r['gemms']} | "
+              f"{r['eligible_kept']:.3f} | {r['pred_fwd']:.2f}x | {r['pred_train']:.2f}x |")  # fmt: skip
+    return {"layer": layer, "attention": attention, "model": models}
+
+
 # -- main -----------------------------------------------------------------------------------
 
 
@@ -436,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default=",".join(SECTIONS), help="layer,attention,model")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, one repetition")
+    ap.add_argument("--predict", action="store_true", help="print the cost model's predictions")
     ap.add_argument("--rows", type=int, default=8192, help="layer rows (default 8192)")
     ap.add_argument("--seqs", default="2048,4096,8192,16384", help="attention lengths")
     ap.add_argument("--models", default="mixer-b16,gpt2-small")
@@ -453,6 +531,13 @@ def main(argv: list[str] | None = None) -> int:
     bad = [x for x in sections if x not in SECTIONS]
     if bad:
         ap.error(f"--only: {bad[0]!r} is not one of {', '.join(SECTIONS)}")
+    seqs = [int(x) for x in args.seqs.split(",")]
+    if args.predict:
+        names = [x for x in args.models.split(",") if x]
+        results = print_predictions(args.rows, seqs, names, args.budget)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return 0
     cuda = torch.cuda.is_available() and not args.dry_run
     if not cuda and not args.dry_run:
         print(
@@ -494,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         print_layer(results["layer"])
     if "attention" in sections:
         shape = (1, 2, 16) if dry else (4, 12, 64)
-        seqs = [256] if dry else [int(x) for x in args.seqs.split(",")]
+        seqs = [256] if dry else seqs
         specs = [AttentionSpec(16, 2, 1)] if dry else ATTENTION_SPECS
         results["attention"] = bench_attention(s, shape, seqs, specs, model)
         print_attention(results["attention"], shape, s.dtypes[0])

@@ -88,3 +88,16 @@ def test_dry_run_models(bench, tmp_path, capsys, threads):
     assert row["model"] == "mixer-b16" and row["cost_model"] == "flops+blocks"
     assert row["sparse_gemms"] > 0 and row["eligible_kept"] < 0.5
     assert row["train"] > 0 and row["fwd"] > 0
+
+
+def test_predict_needs_no_gpu(bench, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "p.json"
+    assert bench.main(["--predict", "--json", str(out)]) == 0
+    assert "### Predicted by the GPU cost model" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert len(rows["layer"]) == len(bench.LAYER_CASES)
+    assert all(0 < r["fwd"] <= 1 / r["density"] for r in rows["layer"])
+    assert [r["model"] for r in rows["model"]] == ["mixer-b16", "gpt2-small"]
+    assert all(r["sparse_gemms"] > 0 and r["pred_fwd"] > 1 for r in rows["model"])
+    assert {r["seq"] for r in rows["attention"]} == {2048, 4096, 8192, 16384}
