@@ -82,16 +82,15 @@ class Params:
             self.aliases.setdefault(id(p), []).append(n)
             self.by_name[n] = p
         self.canon = {pid: names[0] for pid, names in self.aliases.items()}
-        # storage ptr -> [(start, end, pid)], GEMM-capable params only (2-D or more)
-        self.ranges: dict[int, list[tuple[int, int, int]]] = {}
+        # storage -> [(start, end, pid)], GEMM-capable params only (2-D or more)
+        self.ranges: dict[Any, list[tuple[int, int, int]]] = {}
         seen: set[int] = set()
         for p in self.by_name.values():
             if id(p) in seen or p.dim() < 2 or p.numel() == 0 or _is_fake(p):
                 continue
             seen.add(id(p))
-            try:
-                sp = p.untyped_storage().data_ptr()
-            except Exception:  # noqa: BLE001 - exotic tensor subclasses
+            sp = _storage_key(p)
+            if sp is None:
                 continue
             start = p.data_ptr()
             self.ranges.setdefault(sp, []).append(
@@ -105,11 +104,7 @@ class Params:
     def pid_of_tensor(self, t: torch.Tensor) -> int | None:
         if _is_fake(t):
             return None
-        try:
-            sp = t.untyped_storage().data_ptr()
-        except Exception:  # noqa: BLE001
-            return None
-        cands = self.ranges.get(sp)
+        cands = self.ranges.get(_storage_key(t))
         if not cands:
             return None
         ptr = t.data_ptr()
@@ -135,9 +130,19 @@ class Params:
 
 
 def _is_fake(t: Any) -> bool:
-    return type(t).__name__ in ("FakeTensor", "FunctionalTensor") or (
-        isinstance(t, torch.Tensor) and t.device.type == "meta"
-    )
+    """A tensor of export's tracing (fake or functional): not one of the model's weights."""
+    return type(t).__name__ in ("FakeTensor", "FunctionalTensor")
+
+
+def _storage_key(t: torch.Tensor) -> Any:
+    """What identifies ``t``'s storage: its data pointer, or for a tensor on the ``meta``
+    device (no data; ``data_ptr()`` is then the byte offset in the storage) the storage
+    object itself, so a model built without weights resolves views and tied weights alike."""
+    try:
+        st = t.untyped_storage()
+        return ("meta", st._cdata) if t.device.type == "meta" else st.data_ptr()
+    except Exception:  # noqa: BLE001 - exotic tensor subclasses
+        return None
 
 
 # ---------------------------------------------------------------------------------------
