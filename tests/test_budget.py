@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from pxcompile.errors import BudgetNotAttainable, PxError
 from pxcompile.passes.budget import check_args, plan_schema
+from pxcompile.passes.mapping import DEFAULT_COST_MODEL, menu, predicted_speedup
 from pxcompile.patterns import PatternSpec
 from pxcompile.plans import TOLERANCE, Plan
 from pxcompile.policy import Policy
@@ -200,6 +201,10 @@ def test_dense_layers_say_why_and_classes_share_a_pattern(case):
             res = pol.resolve(g, case.block)
             if res.dense_reason:
                 assert lp.reason == res.dense_reason
+            elif lp.reason.startswith("dense: predicted "):
+                # every pattern the policy allows is predicted no faster than dense
+                opts = menu(g, case.block, pol, res, DEFAULT_COST_MODEL)
+                assert opts and all(predicted_speedup(g, c.spec) <= 1.0 for c in opts)
             else:
                 assert lp.reason.startswith("no butterfly pattern fits") or lp.reason.endswith(
                     "kept dense so density stays monotone in size"
@@ -310,6 +315,23 @@ def mlp(name: str, i: int, o: int, rows: int = 256, t: LayerType = LayerType.MLP
     return Gemm(name, t, i, o, rows=rows)
 
 
+@dataclass(frozen=True)
+class FlopsCost:
+    """Time = FLOPs: no pattern is ever predicted slower than dense. For tests of the
+    allocator's mechanics on shapes the default (calibrated) cost model rightly keeps dense."""
+
+    name: str = "flops"
+
+    def dense_cost(self, gemm: Gemm) -> float:
+        return float(gemm.flops)
+
+    def sparse_cost(self, gemm: Gemm, spec: PatternSpec) -> float:
+        return gemm.flops * spec.density(gemm.in_features, gemm.out_features)
+
+
+FLOPS = FlopsCost()
+
+
 @pytest.mark.parametrize("budget", [0, -0.1, 1.5, float("nan"), float("inf"), "0.3", True])
 def test_check_args_budget(budget):
     with pytest.raises(PxError, match="--budget"):
@@ -403,12 +425,15 @@ def test_nothing_eligible():
 
 def test_budget_one_is_capped_by_the_default_ceiling():
     s = ModelSchema("m", [mlp("a", 768, 3072)])
-    plan = plan_schema(s, 1.0, 32)
+    plan = plan_schema(s, 1.0, 32, cost_model=FLOPS)  # (calibrated: those are slower)
     d = plan["a"].density
     assert 0.8 <= d <= 0.9 + 1e-12  # the densest pattern under the default ceiling 0.9
     assert plan.note.startswith(f"reached {d:.3f}")
     no_ceiling = Policy.from_dict({"types": {"mlp": {"ceiling": 1.0}}})
-    assert plan_schema(s, 1.0, 32, no_ceiling).summary.eligible_fraction >= d
+    assert plan_schema(s, 1.0, 32, no_ceiling, FLOPS).summary.eligible_fraction >= d
+    # the default cost model stops at the densest pattern predicted faster than dense
+    fast = plan_schema(s, 1.0, 32)["a"]
+    assert fast.density < d and predicted_speedup(fast.gemm, fast.pattern) > 1.0
 
 
 def test_bigger_layers_get_lower_density():
@@ -421,7 +446,7 @@ def test_monotone_when_a_bigger_layer_cannot_go_as_sparse():
     """At block 8, 160x32 is 20x4 blocks: its sparsest pattern keeps 1/2. The smaller 64x64
     (8x8 blocks) could keep 1/4, but then the bigger layer would be denser than it."""
     s = ModelSchema("m", [mlp("big", 32, 160), mlp("small", 64, 64)])
-    plan = plan_schema(s, 0.6, 8)
+    plan = plan_schema(s, 0.6, 8, cost_model=FLOPS)  # (calibrated: too small to be faster)
     assert plan["big"].density == 0.5
     assert plan["small"].density >= 0.5
     assert plan.summary.eligible_fraction <= 0.6 + 1e-9
@@ -431,7 +456,7 @@ def test_monotone_keeps_a_small_layer_dense_when_it_cannot_match():
     """At block 8, 48x48 (6x6 blocks) has only n=6: 1/3; 160x32 can't go below 1/2. The
     smaller layer can't be at least as dense as the bigger one, so it stays dense."""
     s = ModelSchema("m", [mlp("big", 32, 160), mlp("small", 48, 48)])
-    plan = plan_schema(s, 0.6, 8)
+    plan = plan_schema(s, 0.6, 8, cost_model=FLOPS)  # (calibrated: too small to be faster)
     assert plan["big"].density == 0.5
     assert plan["small"].pattern is None
     assert plan["small"].reason == (
@@ -440,7 +465,7 @@ def test_monotone_keeps_a_small_layer_dense_when_it_cannot_match():
     )
     # another type is not constrained
     s2 = ModelSchema("m", [mlp("big", 32, 160), mlp("small", 48, 48, t=LayerType.OTHER)])
-    assert plan_schema(s2, 0.6, 8)["small"].sparse
+    assert plan_schema(s2, 0.6, 8, cost_model=FLOPS)["small"].sparse
 
 
 def test_swappable_cost_model():

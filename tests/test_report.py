@@ -139,7 +139,8 @@ def test_masks_npz():
 
 def test_masks_npz_with_awkward_layer_names():
     names = ["file", "allow_pickle", "a/b.c", "arr_0"]
-    s = ModelSchema("m", [Gemm(n, LayerType.MLP, 256, 256, rows=4) for n in names])
+    # 1024 wide: a 256x256 layer is predicted slower than dense at every density
+    s = ModelSchema("m", [Gemm(n, LayerType.MLP, 1024, 1024, rows=4) for n in names])
     p = plan_schema(s, 0.5, 32)
     with np.load(io.BytesIO(report.masks_npz_bytes(p))) as z:
         assert sorted(z.files) == sorted(names)

@@ -25,9 +25,18 @@ from dataclasses import dataclass
 from ..errors import BudgetNotAttainable, PxError
 from ..patterns import AttentionSpec, PatternSpec
 from ..plans import TOLERANCE, LayerPlan, Plan
-from ..policy import Policy
+from ..policy import Policy, Resolved
 from ..schema import Gemm, ModelSchema
-from .mapping import DEFAULT_COST_MODEL, Choice, CostModel, choose, menu
+from .mapping import (
+    DEFAULT_COST_MODEL,
+    Choice,
+    CostModel,
+    choose,
+    max_auto_rank,
+    menu,
+    rank_time_share,
+    slower_than_dense,
+)
 
 
 @dataclass
@@ -37,6 +46,8 @@ class _Class:
     type_key: str
     size: int
     pinned: float | None
+    first: Gemm  # the first member and its policy settings (to rebuild the menu)
+    resolved: Resolved
     pick: int = 0  # index into options
 
     @property
@@ -96,7 +107,13 @@ def plan_schema(
         key = (*shape, res.floor, res.ceiling, res.pinned, res.rank)
         cls = classes.get(key)
         if cls is None:
-            opts = menu(g, block, policy, res, cost_model)
+            # Rank by benefit (time-capped ranks), unless only higher ranks reach the floor.
+            opts = menu(g, block, policy, res, cost_model, faster_only=True, benefit=True)
+            opts = opts or menu(g, block, policy, res, cost_model, faster_only=True)
+            slow = None if opts else slower_than_dense(g, block, policy, res, cost_model)
+            if slow:
+                why_dense[g.name] = slow
+                continue
             if not opts:
                 what = (
                     f"butterfly pattern fits {g.out_features}x{g.in_features} at block {block}"
@@ -105,13 +122,28 @@ def plan_schema(
                 )
                 why_dense[g.name] = f"no {what} within density [{res.floor:g}, {res.ceiling:g}]"
                 continue
-            cls = classes[key] = _Class([], opts, type_key, size, res.pinned)
+            cls = classes[key] = _Class([], opts, type_key, size, res.pinned, g, res)
         cls.members.append(g)
 
-    for key, why in _monotone_menus(classes).items():
-        for g in classes.pop(key).members:
-            why_dense[g.name] = why
-    note = _allocate(list(classes.values()), budget, policy)
+    # Rank by benefit: auto ranks are capped by their share of the predicted time as well as
+    # of the density; only when the budget can't be met so do they get their density share.
+    everyone = dict(classes)
+    capped = {k: c.options for k, c in classes.items()}
+    wide_ranks = False
+    why_capped = dict(why_dense)
+    note = _monotone_and_allocate(classes, why_dense, budget, policy)
+    if note and any(c.pinned is None and c.resolved.rank is None for c in everyone.values()):
+        wide = dict(everyone)
+        for c in wide.values():
+            c.options = menu(c.first, block, policy, c.resolved, cost_model, faster_only=True)
+        why_wide = dict(why_capped)
+        if not _monotone_and_allocate(wide, why_wide, budget, policy):
+            classes, why_dense, note, wide_ranks = wide, why_wide, "", True
+        else:  # no better: back to the time-capped menus
+            classes, why_dense = dict(everyone), dict(why_capped)
+            for k, c in classes.items():
+                c.options = capped[k]
+            note = _monotone_and_allocate(classes, why_dense, budget, policy)
     picks: dict[str, tuple[PatternSpec | AttentionSpec, str]] = {}
     for c in classes.values():
         ch = c.options[c.pick]
@@ -119,7 +151,7 @@ def plan_schema(
             f"pinned at {c.pinned:g} by policy"
             if c.pinned is not None
             else f"allocated {ch.density:.3f}"
-        )
+        ) + _rank_note(c, ch, cost_model, policy, wide_ranks)
         for g in c.members:
             picks[g.name] = (ch.spec, why)
     layers = []
@@ -141,6 +173,33 @@ def plan_schema(
     if strict and note:
         raise BudgetNotAttainable(f"budget {budget:g} not attainable: {note}")
     return plan
+
+
+def _rank_note(
+    c: _Class, ch: Choice, cost_model: CostModel, policy: Policy, wide_ranks: bool
+) -> str:
+    """What rank a weight GEMM got and why (rank by benefit, see ``mapping.max_auto_rank``)."""
+    spec = ch.spec
+    if not isinstance(spec, PatternSpec) or spec.rank == 0:
+        return ""
+    if c.resolved.rank is not None:
+        return f"; rank {spec.rank} (policy)"
+    share = rank_time_share(c.first, spec, cost_model)
+    over = wide_ranks and spec.rank > max_auto_rank(c.first, spec, policy.lowrank_share, cost_model)
+    return f"; rank {spec.rank} = {share:.0%} of its time" + (
+        " (over lowrank_share of time, to meet the budget)" if over else ""
+    )
+
+
+def _monotone_and_allocate(
+    classes: dict[tuple, _Class], why_dense: dict[str, str], budget: float, policy: Policy
+) -> str:
+    """The monotone repair of the menus (classes left with none leave ``classes`` for
+    ``why_dense``), then the allocation; returns the allocation's note."""
+    for key, why in _monotone_menus(classes).items():
+        for g in classes.pop(key).members:
+            why_dense[g.name] = why
+    return _allocate(list(classes.values()), budget, policy)
 
 
 def _monotone_menus(classes: dict[tuple, _Class]) -> dict[tuple, str]:

@@ -14,7 +14,7 @@ by the FLOPs of the blocks they keep (padding to a multiple of ``block * 2^f`` i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from ..patterns import AttentionSpec, PatternSpec
@@ -23,6 +23,10 @@ from ..schema import Gemm
 
 # Choices whose densities differ by less than this (relative) count as "nearly equal".
 NEAR_EQUAL = 0.02
+# The budget pass never chooses a pattern its cost model predicts at this speedup over dense
+# or below (``menu(faster_only=True)``): 1.0 = never slower than dense. The test suite sets 0
+# for its tiny models (tests/conftest.py), which no real cost model predicts faster.
+MIN_SPEEDUP: float = 1.0
 
 
 class CostModel(Protocol):
@@ -169,19 +173,53 @@ def patterns(
     return out
 
 
-def _ranks(gemm: Gemm, spec: PatternSpec, policy: Policy, resolved: Resolved) -> list[int]:
+def rank_time_share(gemm: Gemm, spec: PatternSpec, cost_model: CostModel) -> float:
+    """The share of the layer's predicted time that its low-rank term takes (0 at rank 0)."""
+    if spec.rank == 0:
+        return 0.0
+    total = cost_model.sparse_cost(gemm, spec)
+    base = cost_model.sparse_cost(gemm, replace(spec, rank=0))
+    return max(0.0, (total - base) / total) if total > 0 else 0.0
+
+
+def max_auto_rank(gemm: Gemm, spec: PatternSpec, share: float, cost_model: CostModel | None) -> int:
+    """The largest rank ``rank: auto`` may give ``spec``: its low-rank term takes at most
+    ``share`` of the layer's density and, with a ``cost_model``, at most ``share`` of its
+    predicted time (rank by benefit: where the low-rank term costs more than its FLOPs, as on
+    CPU at about 2.25x, it gets less than its density share)."""
+    o, i = gemm.out_features, gemm.in_features
+    cap = min(o, i) // 2
+    if share <= 0:
+        return 0
+    per_rank = (i + o) / (i * o)
+    by_density = share / (1 - share) * spec.block_density / per_rank
+    if cost_model is None:
+        return max(0, min(cap, int(by_density)))
+    base = replace(spec, rank=0)
+    c0 = cost_model.sparse_cost(gemm, base)
+    per_rank_cost = cost_model.sparse_cost(gemm, replace(spec, rank=1)) - c0
+    by_time = share / (1 - share) * c0 / per_rank_cost if per_rank_cost > 0 else by_density
+    return max(0, min(cap, int(by_density), int(by_time + 1e-9)))
+
+
+def _ranks(
+    gemm: Gemm,
+    spec: PatternSpec,
+    policy: Policy,
+    resolved: Resolved,
+    cost_model: CostModel | None = None,
+) -> list[int]:
     """The ranks to try with ``spec``: those whose total density can be within the floor and
-    ceiling, at most ``RANK_RESOLUTION x NEAR_EQUAL x block density`` apart."""
+    ceiling, at most ``RANK_RESOLUTION x NEAR_EQUAL x block density`` apart; with a
+    ``cost_model``, only those within its time cap too (a subset: the same steps)."""
     o, i = gemm.out_features, gemm.in_features
     cap = min(o, i) // 2
     if resolved.rank is not None:
         return [min(resolved.rank, cap)]
-    # Auto: ranks up to lowrank_share of the layer's total density.
-    share = policy.lowrank_share
-    max_lr = share / (1 - share) * spec.block_density if share < 1 else 1.0
+    # Auto: ranks up to max_auto_rank (lowrank_share of the density and of the time).
     step = policy.rank_multiple
     per_rank = (i + o) / (i * o)
-    top = min(cap, int(max_lr / per_rank))
+    top = max_auto_rank(gemm, spec, policy.lowrank_share, None)
     # Ranks outside [floor, ceiling] are never chosen: skip them (a step of slack each side,
     # the menu checks the bounds exactly).
     bd = spec.block_density
@@ -193,7 +231,11 @@ def _ranks(gemm: Gemm, spec: PatternSpec, policy: Policy, resolved: Resolved) ->
     stride = step * max(
         1, math.floor(finest / (per_rank * step)), -(-(hi - lo) // (step * MAX_RANKS))
     )
-    return list(range(lo, hi + 1, stride))
+    ranks = range(lo, hi + 1, stride)
+    if cost_model is None:
+        return list(ranks)
+    by_time = max_auto_rank(gemm, spec, policy.lowrank_share, cost_model)
+    return [r for r in ranks if r <= by_time]
 
 
 def attention_menu(gemm: Gemm, policy: Policy, resolved: Resolved) -> list[Choice]:
@@ -220,15 +262,29 @@ def attention_menu(gemm: Gemm, policy: Policy, resolved: Resolved) -> list[Choic
 
 
 def menu(
-    gemm: Gemm, block: int, policy: Policy, resolved: Resolved, cost_model: CostModel
+    gemm: Gemm,
+    block: int,
+    policy: Policy,
+    resolved: Resolved,
+    cost_model: CostModel,
+    faster_only: bool = False,
+    benefit: bool = False,
 ) -> list[Choice]:
     """The GEMM's achievable choices within its floor and ceiling, by rising density.
 
-    Of choices whose densities are nearly equal (within ``NEAR_EQUAL``) only the cheapest is
-    kept, so consecutive entries differ by at least ``NEAR_EQUAL`` in density.
+    The budget pass asks with ``faster_only``: a choice ``cost_model`` predicts no faster
+    than dense is not offered (:func:`slower_than_dense` says why a GEMM is left with none);
+    and with ``benefit``: auto ranks are capped by time as well as density
+    (:func:`max_auto_rank`; the pass drops that cap only when the budget can't be met with
+    it). Of choices whose densities are nearly equal (within ``NEAR_EQUAL``) only the
+    cheapest is kept, so consecutive entries differ by at least ``NEAR_EQUAL`` in density.
     """
     if not gemm.has_weight:
-        return attention_menu(gemm, policy, resolved)
+        opts = attention_menu(gemm, policy, resolved)
+        if faster_only:
+            opts = [c for c in opts if predicted_speedup(gemm, c.spec, cost_model) > MIN_SPEEDUP]
+        return opts
+    dense_cost = cost_model.dense_cost(gemm)
     o, i = gemm.out_features, gemm.in_features
     choices: dict[float, Choice] = {}
     for base in patterns(
@@ -236,7 +292,7 @@ def menu(
     ):
         if base.block_density > resolved.ceiling + 1e-12:
             continue  # the low-rank term only adds density
-        for r in _ranks(gemm, base, policy, resolved):
+        for r in _ranks(gemm, base, policy, resolved, cost_model if benefit else None):
             spec = PatternSpec(base.butterfly, base.factors, base.pattern_block, r)
             if spec.misfit(o, i, block):
                 continue
@@ -244,6 +300,8 @@ def menu(
             if d >= 1.0 or not resolved.floor - 1e-12 <= d <= resolved.ceiling + 1e-12:
                 continue
             c = Choice(spec, d, cost_model.sparse_cost(gemm, spec))
+            if faster_only and not dense_cost > MIN_SPEEDUP * c.cost:
+                continue  # predicted slower than dense: never chosen
             key = round(d, 12)
             old = choices.get(key)
             if old is None or (c.cost, c.spec) < (old.cost, old.spec):
@@ -259,6 +317,20 @@ def menu(
             continue
         kept.append(c)
     return kept
+
+
+def slower_than_dense(
+    gemm: Gemm, block: int, policy: Policy, resolved: Resolved, cost_model: CostModel
+) -> str | None:
+    """Why a GEMM with no choice faster than dense stays dense ("predicted 0.71x at best,
+    slower than dense"), or None when it has no pattern at all (or has a faster one)."""
+    if menu(gemm, block, policy, resolved, cost_model, faster_only=True):
+        return None
+    opts = menu(gemm, block, policy, resolved, cost_model)
+    if not opts:
+        return None
+    best = max(predicted_speedup(gemm, c.spec, cost_model) for c in opts)
+    return f"dense: predicted {best:.2f}x at best ({cost_model.name})"
 
 
 def _min_block_density(gemm: Gemm, policy: Policy, resolved: Resolved) -> float:
