@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pxcompile.kernels import select
 from pxcompile.kernels.cpu.linear import (
     PixelflyLinearFn,
     clear_workspaces,
@@ -386,7 +387,11 @@ class PixelflyLinear(WeightViews, nn.Module):
         args = (x2, self.blocks, self.lowrank_u, self.lowrank_v, bias)
         cfg = (self.gather_index, self.cell_index, self.layout.mode, self.layout.f1, tile)
         comp = path == "compiled" and COMPILE
-        if torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
+        if select("linear", x2) == "triton":  # pxcompile.kernels: PXCOMPILE_KERNELS, device
+            from pxcompile.kernels.triton.linear import pixelfly_linear as triton_linear
+
+            y = triton_linear(*args, self.cell_index, self.layout.mode == "gather")
+        elif torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in args):
             y = PixelflyLinearFn.apply(*args, *cfg, comp)
         else:  # inference: no autograd.Function, nothing saved
             y = forward_body(*args, *cfg, False, comp)[0]

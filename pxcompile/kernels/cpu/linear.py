@@ -57,6 +57,29 @@ class Layout:
             return (self.n, self.c_out, self.f1 * self.c_in)
         return (self.n, self.f1 * self.c_out, self.c_in)
 
+    def cell_strides(self, transposed: bool = False) -> tuple[int, int, int, int, int]:
+        """Where the kept cells' elements live in the flat ``blocks``, as strides
+        ``(s_a, s_j, s_k, s_o, s_c)``.
+
+        ``transposed=False`` (the weight ``[out, in]``): for output cell ``a``, its ``k``-th kept
+        cell is ``(a, j)`` with ``j = idx[a, k]``, and its element ``(o, c)`` (row ``o < c_out``,
+        column ``c < c_in``), weight entry ``[a c_out + o, j c_in + c]``, is at
+        ``a s_a + j s_j + k s_k + o s_o + c s_c``.
+        ``transposed=True`` (the weight ``[in, out]``): the same for input cell ``a``, its
+        ``k``-th kept cell ``(j, a)`` with ``j = idx[a, k]``, element ``(o < c_in, c < c_out)``
+        being weight entry ``[j c_out + c, a c_in + o]``. Both follow from the pattern's
+        symmetry: cell ``(i, j)`` is chunk ``k`` of row ``i`` and of column ``j`` alike,
+        where ``i XOR j = S[k]``."""
+        f1, co, ci = self.f1, self.c_out, self.c_in
+        if self.mode == "gather":  # blocks[i, o, k ci + c] = cell (i, idx[i, k])
+            if transposed:
+                return (0, co * f1 * ci, ci, 1, f1 * ci)
+            return (co * f1 * ci, 0, ci, f1 * ci, 1)
+        # scatter: blocks[j, k co + o, c] = cell (idx[j, k], j)
+        if transposed:
+            return (f1 * co * ci, 0, co * ci, 1, ci)
+        return (0, f1 * co * ci, co * ci, ci, 1)
+
 
 def make_layout(spec: PatternSpec, out_features: int, in_features: int) -> Layout:
     why = spec.misfit(out_features, in_features, block=spec.pattern_block)
