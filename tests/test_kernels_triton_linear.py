@@ -128,6 +128,38 @@ def test_pattern_block_8_and_wide_cells(monkeypatch):
 
 
 @interpreter_only
+@pytest.mark.parametrize(
+    ("fin", "fout", "spec"),
+    [
+        (50, 64, PatternSpec(4, 1, 16, 2, padded_in=64)),
+        (60, 24, PatternSpec(2, 1, 16, 4, padded_out=32, padded_in=64)),
+    ],
+    ids=["gather-pad-in", "scatter-pad-both"],
+)
+def test_padded_layers_match_the_torch_kernel(fin, fout, spec, monkeypatch):
+    """A padded pattern (input padded with zeros, output sliced in the layer): the Triton
+    kernel gives the torch kernel's output and gradients (tests/test_layers.py checks that one
+    against the masked-dense reference)."""
+    torch.manual_seed(0)
+    layer = PixelflyLinear(fin, fout, spec)
+    x = torch.randn(2, 13, fin)
+    results = []
+    for kernels in ("torch", "triton"):
+        monkeypatch.setenv("PXCOMPILE_KERNELS", kernels)
+        layer.zero_grad()
+        xg = x.clone().requires_grad_(True)
+        y = layer(xg)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        grads = [xg.grad] + [p.grad.clone() for p in layer.parameters()]
+        results.append((y.detach(), grads))
+    (y0, g0), (y1, g1) = results
+    assert y1.shape == (2, 13, fout)
+    assert _rel(y1, y0) < 1e-5
+    for a, b in zip(g1, g0):
+        assert _rel(a, b) < 1e-5
+
+
+@interpreter_only
 def test_only_some_gradients(monkeypatch):
     """Frozen weights (only dx), frozen input (only weight grads), no grad at all."""
     monkeypatch.setenv("PXCOMPILE_KERNELS", "triton")

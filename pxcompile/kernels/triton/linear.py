@@ -252,10 +252,11 @@ def linear_op(
     cell_index: Tensor,
     gather: bool,
 ) -> Tensor:
-    """``y = x B^T + (x V^T) U^T + bias`` for ``x [M, in]`` (contiguous rows), ``B`` in the
-    ``blocks`` layout of a PixelflyLinear whose ``cell_index`` is given."""
+    """``y = x B^T + (x V^T) U^T + bias`` for ``x [M, in]``, ``B`` in the ``blocks`` layout of a
+    PixelflyLinear whose ``cell_index`` is given."""
     lo = _layout(blocks, cell_index, gather)
-    blocks = blocks.contiguous()
+    x, blocks = x.contiguous(), blocks.contiguous()
+    bias = None if bias is None else bias.contiguous()
     t = lw = None
     l_strides = (0, 0)
     if lowrank_u is not None:
@@ -285,8 +286,7 @@ def linear_backward_op(
     """Gradients with respect to ``x, blocks, lowrank_u, lowrank_v, bias`` whose bit is set in
     ``wanted``, in that order."""
     lo = _layout(blocks, cell_index, gather)
-    gy = grad.contiguous()
-    blocks = blocks.contiguous()
+    gy, x, blocks = grad.contiguous(), x.contiguous(), blocks.contiguous()
     u, v = lowrank_u, lowrank_v
     out = []
     gt = gy @ u if u is not None and wanted & 0b1001 else None  # dy U [M, r]
