@@ -47,7 +47,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pxcompile import kernels
 from pxcompile.attention_layout import BlockLayout, attention_layout
+from pxcompile.errors import PxError
 from pxcompile.kernels.cpu.attention import TILE_ELEMS, release_workspace, sparse_attention
 from pxcompile.patterns import AttentionSpec
 from pxcompile.policy import DEFAULT_ATTENTION_MIN_SEQ
@@ -89,6 +91,12 @@ def pixelfly_attention(
     :class:`nn.MultiheadAttention`. ``causal``: intersect with the lower triangle.
     Equals ``masked_dense_attention`` with ``layout.element_mask(causal)`` combined with the
     masks; rows with no visible key give zeros.
+
+    Kernel (``PXCOMPILE_KERNELS``, :func:`pxcompile.kernels.select`): the CPU kernel
+    (:mod:`pxcompile.kernels.cpu.attention`) or the Triton one
+    (:mod:`pxcompile.kernels.triton.attention`: pattern blocks that are powers of two >= 16,
+    head dims <= 128; under ``auto`` other calls run the CPU kernel, under ``triton`` they are
+    a one-line error).
     """
     if q.dim() != 4 or k.shape != q.shape[:3] + k.shape[3:] or k.shape[:3] != v.shape[:3]:
         raise ValueError(
@@ -112,6 +120,19 @@ def pixelfly_attention(
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal, scale=scale
         )
+    if kernels.select("attention", q) == "triton":
+        from pxcompile.kernels.triton import attention as triton_kernel
+
+        why = triton_kernel.unsupported(layout, d, v.shape[-1])
+        if why is None:
+            return triton_kernel.sparse_attention(
+                q, k, v, layout, causal, attn_mask, scale, float(dropout_p)
+            )
+        if kernels.setting() == "triton":  # asked for explicitly: no silent fallback
+            raise PxError(
+                f"{kernels.ENV}=triton: Pixelfly attention's Triton kernel cannot run this call "
+                f"({why}); use {kernels.ENV}=auto or torch"
+            )
     return sparse_attention(q, k, v, layout, causal, attn_mask, scale, float(dropout_p))
 
 
