@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -27,6 +27,39 @@ SETTINGS = settings(
 @pytest.mark.skipif(IN_INTERPRETER, reason="this is the interpreter's process")
 def test_in_triton_interpreter():
     run_in_interpreter(__file__)
+
+
+@pytest.mark.skipif(IN_INTERPRETER, reason="compiles for the GPU: not the interpreter's job")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_kernels_compile_for_a_gpu(dtype):
+    """Both kernels go through Triton's whole compiler (to a cubin for sm_90, with the bundled
+    ptxas; no GPU needed) with the forward's largest tiles: what the interpreter cannot check
+    (types, tl.dot shapes and precisions, shared memory)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    from pxcompile.kernels.triton import linear as TL
+
+    wide = dtype == "bf16"
+    ti = TL.tiles(4096, 4096, 4096, torch.bfloat16 if wide else torch.float32)
+    modes = {"UPCAST": False, "PREC": "tf32", "ACC": triton.language.float32}
+    cases = [
+        (TL._bsmm, ("X", "W", "T", "L", "BIAS", "Y"), {
+            "F1": 3, "HAS_LR": True, "HAS_BIAS": True, "BR": 16,
+            "BM": ti["BM"], "BN": ti["BN"], "BK": ti["BK"], **modes}, ti["num_warps"]),
+        (TL._sddmm, ("DY", "X", "G"), {"F1": 3, "BM": 64, "BO": 64, "BC": 64, **modes}, 4),
+    ]  # fmt: skip
+    for kern, ptrs, consts, warps in cases:
+        fn = JITFunction(kern.fn)
+        sig = {
+            a: "constexpr" if a in consts else f"*{dtype}" if a in ptrs else "*i64" if a == "IDX"
+            else "i32"
+            for a in fn.arg_names
+        }  # fmt: skip
+        src = ASTSource(fn, sig, constexprs=consts)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        assert k.asm.get("cubin")
 
 
 def _reference(layer: PixelflyLinear):
