@@ -1,6 +1,7 @@
 """Acceptance for the Triton kernels (issue #13): with ``PXCOMPILE_KERNELS=triton`` and
 ``TRITON_INTERPRET=1`` a sparsified model runs on CPU through the Triton kernels with the same
-outputs and gradients as the PyTorch kernels (1e-4), and so does its saved-and-loaded copy.
+outputs and gradients as the PyTorch kernels (1e-4), and so does its saved-and-loaded copy: sparse
+layers alone, and sparse layers with Pixelfly attention.
 Runs in a child process (tests/triton_interp.py)."""
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ pytest.importorskip("triton")
 from triton_interp import IN_INTERPRETER, interpreter_only, run_in_interpreter  # noqa: E402
 
 import pxcompile  # noqa: E402
+from pxcompile.attention import PixelflyAttention  # noqa: E402
 from pxcompile.layers import PixelflyLinear  # noqa: E402
-from pxcompile.patterns import PatternSpec  # noqa: E402
+from pxcompile.patterns import AttentionSpec, PatternSpec  # noqa: E402
 from pxcompile.plans import Plan  # noqa: E402
 from pxcompile.schema import LayerType  # noqa: E402
 
@@ -107,4 +109,63 @@ def test_sparsified_gpt_matches_the_torch_kernels(monkeypatch, tmp_path):
     with torch.no_grad():
         loaded = again(idx)
     assert len(calls) == len(sparse)
+    assert _rel(loaded, want) < 1e-4
+
+
+@interpreter_only
+def test_sparsified_gpt_with_pixelfly_attention_matches_the_torch_kernels(monkeypatch, tmp_path):
+    """Sparse layers and Pixelfly attention (a causal GPT at 64 tokens, 16-token blocks: a
+    sparse layout) through the Triton kernels: outputs and gradients as with the PyTorch
+    kernels; the saved-and-loaded copy too."""
+    from pxcompile.kernels.triton import attention as triton_attention
+
+    calls = []
+    real = triton_attention.sparse_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_attention, "sparse_attention", counting)
+    gpt = _example("gpt")
+    torch.manual_seed(0)
+    model = gpt.GPT(vocab=64, context=64, dim=64, layers=2, heads=2, hidden=128)
+    idx = torch.randint(0, 64, (1, 64))
+    monkeypatch.setenv("PXCOMPILE_KERNELS", "torch")
+    plan = pxcompile.plan(
+        model, 0.3, example_inputs=(idx,), block=16, policy={"attention_min_seq": 64}
+    )
+    att = AttentionSpec(16, 1, 1)
+    patterns = {
+        LayerType.MLP: PatternSpec(4, 2, 16, 4),
+        LayerType.ATTN_PROJ: PatternSpec(4, 1, 16, 0),
+        LayerType.ATTN_SCORES: att,
+        LayerType.ATTN_VALUES: att,
+    }
+    layers = [
+        replace(lp, pattern=patterns[lp.gemm.type], reason="test pattern")
+        if lp.gemm.type in patterns
+        else lp
+        for lp in plan.layers
+    ]
+    gm = pxcompile.apply(model, replace(plan, layers=layers), (idx,))
+    assert [type(m) for m in gm.modules()].count(PixelflyAttention) == 1
+    assert not att.layout(64).is_full(causal=True)
+    want, want_g = _run(gm, idx, "torch", monkeypatch)
+    assert not calls
+    got, got_g = _run(gm, idx, "triton", monkeypatch)
+    assert len(calls) == 2  # both blocks' attention ran the Triton kernel
+    assert _rel(got, want) < 1e-4
+    assert got_g.keys() == want_g.keys()
+    for name in want_g:
+        assert _rel(got_g[name], want_g[name]) < 1e-4, name
+
+    path = tmp_path / "gpt_attention.px"
+    pxcompile.save(gm, path)
+    again = pxcompile.load(path)
+    calls.clear()
+    monkeypatch.setenv("PXCOMPILE_KERNELS", "triton")
+    with torch.no_grad():
+        loaded = again(idx)
+    assert len(calls) == 2
     assert _rel(loaded, want) < 1e-4
