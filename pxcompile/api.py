@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from .errors import PxError, TraceError
+from .model_specs import require_weights
 from .passes.budget import check_args, plan_schema
 from .passes.mapping import CostModel
 from .passes.rewrite import (
@@ -224,6 +225,7 @@ def apply(
     check_init(init)
     if not isinstance(plan, Plan):
         raise PxError(f"apply() takes a Plan, got {type(plan).__name__} (Plan.load reads a file)")
+    require_weights(model, type(model).__name__, "apply")
     if traced is None:
         traced = trace(model, example_inputs, progress=progress)
     res: RewriteResult = rewrite(model, traced, plan, init=init, inplace=inplace, progress=progress)
@@ -259,6 +261,7 @@ def sparsify(
     # Every argument is checked before the (slow) trace.
     check_model(model)
     check_init(init)
+    require_weights(model, type(model).__name__, "sparsify")
     policy = policy_arg(policy)
     if plan is None:
         if budget is None:

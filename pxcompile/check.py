@@ -143,13 +143,14 @@ def run_check(args: argparse.Namespace) -> int:
 
     from . import api
     from .cli import plan_model
-    from .modelfile import load_model_file
+    from .model_specs import is_model_spec, load_model, require_weights, source_name
     from .report import make_console
 
-    if Path(args.input).suffix != ".py":
+    if Path(args.input).suffix != ".py" and not is_model_spec(args.input):
         raise PxError(f"{args.input}: check needs a model file (.py)")
-    model, inputs = load_model_file(args.input, args.model, args.inputs)
-    traced = api.trace(model, inputs, name=Path(args.input).stem)
+    model, inputs = load_model(args.input, args.model, args.inputs)
+    require_weights(model, args.input, "check")
+    traced = api.trace(model, inputs, name=source_name(args.input))
     plan = plan_model(args, model, traced)
     gm = api.apply(model, plan, inputs, traced=traced, init="dense")
     res = check_compiled(model, gm, inputs, args.warn_above)

@@ -27,8 +27,10 @@ examples:
   pxcompile schemas/bert-base.yaml --budget 0.3 --dense 're:.*attention.*' --json
   pxcompile schemas/mixer-b16.yaml --budget 0.3 --set size_exponent=0.5 --draw masks.png
   pxcompile examples/mixer.py --budget 0.3 --block 32 -o mixer.px
+  pxcompile hf:examples/hf/llama-2-7b --budget 0.3 --plan-out llama.plan.yaml   # no weights
+  pxcompile timm:mixer_b16_224 --budget 0.3      # also torchvision:NAME (built on meta)
 other commands:
-  pxcompile trace MODEL.py -o schema.yaml   dump the traced schema (a start for a YAML schema)
+  pxcompile trace MODEL --schema-out s.yaml  dump the traced schema (a start for a YAML schema)
   pxcompile bench MODEL.py --budget 0.3     measure the compiled model against its dense self
   pxcompile check MODEL.py --budget 0.3     per-layer error of the rewrite at initialization
 """
@@ -136,7 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="a model schema (.yaml) or a model file (.py)")
+    p.add_argument(
+        "input",
+        help="a model schema (.yaml), a model file (.py), or a model built from its config "
+        "without weights: hf:PATH (a config.json or its directory), timm:NAME, "
+        "torchvision:NAME (options: hf:PATH,seq=2048,batch=8; timm:NAME,size=384)",
+    )
     _add_plan_args(p)
     o = p.add_argument_group("outputs")
     o.add_argument(
@@ -254,7 +261,9 @@ def output_set(args: argparse.Namespace):
         "--masks-out": getattr(args, "masks_out", None),
         "--draw": getattr(args, "draw", None),
     }
-    outs = OutputSet(paths, protect=[args.input])
+    from .model_specs import source_files
+
+    outs = OutputSet(paths, protect=source_files(args.input))
     if paths["--draw"]:
         try:
             import matplotlib  # noqa: F401
@@ -264,15 +273,21 @@ def output_set(args: argparse.Namespace):
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from .model_specs import is_model_spec, parse_spec, weights_needed
     from .schema import ModelSchema
 
     path = Path(args.input)
-    if not path.exists():
+    spec = is_model_spec(args.input)
+    if spec:
+        parse_spec(args.input)  # a malformed spec fails before anything is imported
+        if args.output:
+            raise weights_needed(args.input, "-o/--output")
+    elif not path.exists():
         raise PxError(f"{args.input}: no such file")
     if args.output and path.suffix != ".py":
         raise PxError("-o/--output needs a model file (.py); for a schema use --plan-out")
     output_set(args)  # bad output paths fail now, not after the work
-    if path.suffix == ".py":
+    if spec or path.suffix == ".py":
         from .frontend_cli import compile_model_file  # imports torch: only for models
 
         return compile_model_file(args)
@@ -344,12 +359,23 @@ def _trace_cmd(argv: list[str]) -> int:
     p = _Parser(
         prog="pxcompile trace",
         description="Trace a model file into a model schema (every GEMM, its type and rows).",
-        epilog="example:\n  pxcompile trace examples/vit.py -o vit.yaml",
+        epilog="examples:\n  pxcompile trace examples/vit.py --schema-out vit.yaml\n"
+        "  pxcompile trace hf:examples/hf/mistral-7b --schema-out mistral.yaml\n"
+        "  pxcompile mistral.yaml --budget 0.3      # plan it later",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", help="a model file (.py) defining `model` and `example_inputs`")
     p.add_argument(
-        "-o", "--output", metavar="FILE", help="write the schema YAML, e.g. -o schema.yaml"
+        "input",
+        help="a model file (.py) defining `model` and `example_inputs`, or hf:PATH, "
+        "timm:NAME, torchvision:NAME (built from its config without weights)",
+    )
+    p.add_argument(
+        "--schema-out",
+        "-o",
+        "--output",
+        dest="output",
+        metavar="FILE",
+        help="write the schema YAML (the form `pxcompile FILE` plans), e.g. --schema-out s.yaml",
     )
     p.add_argument(
         "--model", default="model", help="name of the nn.Module or factory (default 'model')"
@@ -361,15 +387,13 @@ def _trace_cmd(argv: list[str]) -> int:
     args = p.parse_args(argv)
 
     def run() -> int:
-        from pathlib import Path
-
         from . import api, report
         from .io import OutputSet
-        from .modelfile import load_model_file
+        from .model_specs import load_model, source_files, source_name
 
-        outs = OutputSet({"-o": args.output}, protect=[args.input])  # fails before the work
-        model, inputs = load_model_file(args.input, args.model, args.inputs)
-        traced = api.trace(model, inputs, name=Path(args.input).stem)
+        outs = OutputSet({"--schema-out": args.output}, protect=source_files(args.input))
+        model, inputs = load_model(args.input, args.model, args.inputs)
+        traced = api.trace(model, inputs, name=source_name(args.input))
         if args.json:
             print(json.dumps(traced.schema.to_dict(), indent=1))
         else:
@@ -408,11 +432,12 @@ def _bench_cmd(argv: list[str]) -> int:
 
         from . import api, report
         from .bench import compare
-        from .modelfile import load_model_file
+        from .model_specs import load_model, require_weights
 
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        model, inputs = load_model_file(args.input, args.model, args.inputs)
+        model, inputs = load_model(args.input, args.model, args.inputs)
+        require_weights(model, args.input, "bench")
         traced = api.trace(model, inputs)
         plan = plan_model(args, model, traced)
         gm = api.apply(model, plan, inputs, traced=traced)

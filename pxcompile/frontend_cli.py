@@ -1,4 +1,5 @@
-"""``pxcompile MODEL.py``: trace, plan, rewrite, verify and save a model file."""
+"""``pxcompile MODEL.py``: trace, plan, rewrite, verify and save a model file; a model built
+from its config without weights (``hf:``, ``timm:``, ``torchvision:``) is traced and planned."""
 
 from __future__ import annotations
 
@@ -28,15 +29,26 @@ def progress_status(enabled: bool = True) -> Iterator:
 def compile_model_file(args: argparse.Namespace) -> int:
     from . import api
     from .cli import _finish, plan_model
-    from .modelfile import load_model_file
+    from .model_specs import load_model, source_name
+    from .passes.trace import is_meta_model
 
     err = make_console(stderr=True)
     with progress_status(not args.json) as progress:
         progress(f"loading {args.input}")
-        model, inputs = load_model_file(args.input, args.model, args.inputs)
+        model, inputs = load_model(args.input, args.model, args.inputs)
         progress("tracing")
-        traced = api.trace(model, inputs, name=_stem(args.input), progress=progress)
+        traced = api.trace(model, inputs, name=source_name(args.input), progress=progress)
         plan = plan_model(args, model, traced)
+    if is_meta_model(model):  # built from its config: nothing to rewrite or run
+        rc = _finish(args, plan)
+        if not args.json:
+            err.print(
+                f"not verified: {args.input} is built from its config without weights (meta "
+                "device), so it is planned only: compile the model with its weights and --plan",
+                highlight=False,
+            )
+        return rc
+    with progress_status(not args.json) as progress:
         progress("rewriting")
         gm = api.apply(model, plan, inputs, traced=traced, init=args.init, progress=progress)
         progress("verifying against the masked-dense reference")
@@ -72,9 +84,3 @@ def _saved_bytes(gm, inputs) -> bytes:
         p = Path(d) / "model.px"
         serialize.save(gm, p, inputs)
         return p.read_bytes()
-
-
-def _stem(path: str) -> str:
-    from pathlib import Path
-
-    return Path(path).stem
