@@ -153,11 +153,13 @@ def test_dtypes(fin, fout, spec, dtype, monkeypatch):
 
 @interpreter_only
 def test_pattern_block_8_and_wide_cells(monkeypatch):
-    """Cells narrower than the smallest tile (pattern block 8: masked 16-wide tiles) and cells
-    wider than a tile (several tiles per cell, reduced in several steps)."""
+    """Cells narrower than the smallest tile (pattern block 8: masked 16-wide tiles), cells
+    wider than a tile (several tiles per cell, reduced in several steps), n = 12."""
     torch.manual_seed(0)
     _check(PixelflyLinear(64, 128, PatternSpec(4, 2, 8, 4)), 33, torch.float32, 1e-5, monkeypatch)
     _check(PixelflyLinear(128, 640, PatternSpec(2, 1, 64, 2)), 20, torch.float32, 1e-5, monkeypatch)
+    # a butterfly size that is no power of two (12 cells a side), scatter layout
+    _check(PixelflyLinear(192, 96, PatternSpec(12, 2, 8, 5)), 9, torch.float32, 1e-5, monkeypatch)
 
 
 @interpreter_only
