@@ -22,6 +22,10 @@ A :class:`Policy` is plain data (YAML-friendly) with documented defaults:
   faster (measured: ``benchmarks/RESULTS.md``, "Attention"). ``attention_block`` (tokens per
   sequence block) and ``attention_globals`` (global blocks) fix the rest of the attention
   pattern; the mapping pass picks its butterfly factors.
+* ``pad``: ``auto`` (default) lets the mapping pass lay a pattern on a zero-padded weight
+  when no pattern fits the layer's own sides (196 tokens -> 224, say), where the cost model
+  predicts the padded layer faster than dense; ``never`` keeps such layers dense. Name rules
+  may set ``pad`` for the GEMMs they match.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from .schema import Gemm, LayerType
 DEFAULT_ATTENTION_MIN_SEQ: int = 2048
 #: Default density ceiling of attention's scores/values GEMMs.
 ATTENTION_CEILING: float = 0.25
+#: Values of the policy's ``pad`` (and of a name rule's).
+PAD_MODES: tuple[str, ...] = ("auto", "never")
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,7 @@ class NameRule:
     ceiling: float | None = None
     density: float | None = None  # pin the target density (skips the allocator)
     rank: int | None = None
+    pad: str | None = None  # "auto" or "never"
 
     def matches(self, name: str) -> bool:
         if self.match.startswith("re:"):
@@ -89,6 +96,7 @@ class Resolved:
     ceiling: float
     pinned: float | None
     rank: int | None
+    pad: bool = False  # the mapping pass may offer padded patterns
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ class Policy:
     attention_min_seq: int = DEFAULT_ATTENTION_MIN_SEQ
     attention_block: int = 64
     attention_globals: int = 1
+    pad: str = "auto"  # "auto": pad where a padded pattern is predicted faster; "never"
 
     def __post_init__(self) -> None:
         for t, r in self.types.items():
@@ -119,6 +128,10 @@ class Policy:
             if rule.rank is not None and rule.rank < 0:
                 raise PolicyError(
                     f"policy: rules[{i}] ({rule.match}).rank must be >= 0, got {rule.rank}"
+                )
+            if rule.pad is not None and rule.pad not in PAD_MODES:
+                raise PolicyError(
+                    f"policy: rules[{i}] ({rule.match}).pad must be auto or never, got {rule.pad!r}"
                 )
             if rule.match.startswith("re:"):
                 try:
@@ -152,6 +165,8 @@ class Policy:
             raise PolicyError(
                 f"policy: 'attention_globals' must be >= 0, got {self.attention_globals}"
             )
+        if self.pad not in PAD_MODES:
+            raise PolicyError(f"policy: 'pad' must be auto or never, got {self.pad!r}")
 
     # -- resolution -----------------------------------------------------------------------
     def resolve(self, gemm: Gemm, block: int) -> Resolved:
@@ -162,6 +177,7 @@ class Policy:
         floor, ceiling = tr.floor, tr.ceiling
         pinned: float | None = None
         rank = self.rank
+        pad = self.pad
         for rule in self.rules:
             if not rule.matches(gemm.name):
                 continue
@@ -172,6 +188,7 @@ class Policy:
             ceiling = rule.ceiling if rule.ceiling is not None else ceiling
             pinned = rule.density if rule.density is not None else pinned
             rank = rule.rank if rule.rank is not None else rank
+            pad = rule.pad if rule.pad is not None else pad
         if eligible:
             if gemm.shared_with:
                 why = f"weight shared with {gemm.shared_with}"
@@ -187,12 +204,12 @@ class Policy:
                 small = min(gemm.in_features, gemm.out_features)
                 if small < self.min_blocks * block:
                     why = f"under {self.min_blocks} blocks of {block} on a side"
-                else:
+                elif pad != "auto":
                     for side, size in (("in", gemm.in_features), ("out", gemm.out_features)):
                         if size % block:
                             why = f"'{side}'={size} is not a multiple of block {block}"
                             break
-        return Resolved(why, floor, max(floor, ceiling), pinned, rank)
+        return Resolved(why, floor, max(floor, ceiling), pinned, rank, pad == "auto")
 
     # -- plain data -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -211,6 +228,7 @@ class Policy:
             "attention_min_seq": self.attention_min_seq,
             "attention_block": self.attention_block,
             "attention_globals": self.attention_globals,
+            "pad": self.pad,
         }
 
     @classmethod
@@ -270,6 +288,8 @@ class Policy:
         for k in ("size_exponent", "lowrank_share"):
             if k in data:
                 kw[k] = _num(data[k], f"{source}: {k}")
+        if "pad" in data:
+            kw["pad"] = _pad(data["pad"], f"{source}: pad")
         if "rank" in data:
             kw["rank"] = (
                 None if data["rank"] in ("auto", None) else _int(data["rank"], f"{source}: rank")
@@ -334,6 +354,12 @@ def _int(v: Any, where: str) -> int:
     return v
 
 
+def _pad(v: Any, where: str) -> str:
+    if v not in PAD_MODES:
+        raise PolicyError(f"{where}: expected auto or never, got {v!r}")
+    return v
+
+
 def _bool(v: Any, where: str) -> bool:
     if not isinstance(v, bool):
         raise PolicyError(f"{where}: expected true or false, got {v!r}")
@@ -343,7 +369,7 @@ def _bool(v: Any, where: str) -> bool:
 def _name_rule(r: Any, where: str) -> NameRule:
     if not isinstance(r, dict) or "match" not in r:
         raise PolicyError(f"{where}: expected a mapping with 'match'")
-    allowed = {"match", "dense", "floor", "ceiling", "density", "rank"}
+    allowed = {"match", "dense", "floor", "ceiling", "density", "rank", "pad"}
     unknown = set(r) - allowed
     if unknown:
         raise PolicyError(f"{where}: unknown key {sorted(unknown)[0]!r}")
@@ -356,4 +382,5 @@ def _name_rule(r: Any, where: str) -> NameRule:
         ceiling=_num(r["ceiling"], f"{where}.ceiling") if "ceiling" in r else None,
         density=_num(r["density"], f"{where}.density") if "density" in r else None,
         rank=_int(r["rank"], f"{where}.rank") if "rank" in r else None,
+        pad=_pad(r["pad"], f"{where}.pad") if "pad" in r else None,
     )

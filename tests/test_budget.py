@@ -55,7 +55,7 @@ def element_mask(spec: PatternSpec, out: int, inn: int) -> np.ndarray:
 def assert_layer_mask_exact(plan: Plan, name: str, element_limit: int = 1 << 20) -> None:
     lp = plan[name]
     g, spec, b = lp.gemm, lp.pattern, plan.block
-    out, inn = g.out_features, g.in_features
+    out, inn = spec.sides(g.out_features, g.in_features)  # a padded pattern: the padded grid
     n, f = spec.butterfly, spec.factors
     bm = lp.mask(b)
     assert bm.dtype == bool and bm.shape == (out // b, inn // b)
@@ -78,8 +78,9 @@ def assert_layer_mask_exact(plan: Plan, name: str, element_limit: int = 1 << 20)
     assert (cells.sum(0) == f + 1).all() and (cells.sum(1) == f + 1).all()
     # the reported densities are those of the mask actually built
     assert float(bm.sum()) / bm.size == lp.block_density == (f + 1) / n
-    lowrank = spec.rank * (inn + out) / (inn * out)
-    assert lp.density == pytest.approx(lp.block_density + lowrank, rel=1e-15)
+    real = g.in_features * g.out_features  # densities count padding against the real weight
+    lowrank = spec.rank * (inn + out) / real
+    assert lp.density == pytest.approx(lp.block_density * out * inn / real + lowrank, rel=1e-15)
 
 
 # -- random schemas ---------------------------------------------------------------------------
@@ -213,7 +214,11 @@ def test_dense_layers_say_why_and_classes_share_a_pattern(case):
                 assert "shared" in lp.reason or "stays dense" in lp.reason
         else:
             assert pol.resolve(g, case.block).dense_reason is None
-            assert g.in_features % case.block == 0 and g.out_features % case.block == 0
+            # sides the block does not divide are padded (pad: auto): the padded ones fit
+            out, inn = lp.pattern.sides(g.out_features, g.in_features)
+            assert inn % case.block == 0 and out % case.block == 0
+            aligned = g.in_features % case.block == 0 and g.out_features % case.block == 0
+            assert aligned or lp.pattern.padded
             assert min(g.in_features, g.out_features) >= 4 * case.block
             assert not g.shared_with and g.has_weight
             key = (g.type, g.in_features, g.out_features)
@@ -299,9 +304,16 @@ def test_shipped_schemas_at_0_1(name):
 
 
 def test_shipped_schema_reasons():
-    mixer = plan_schema(load("mixer-b16"), 0.3, 32)
+    never = Policy(pad="never")
+    mixer = plan_schema(load("mixer-b16"), 0.3, 32, never)
     assert mixer["blocks.0.mlp_tokens.fc1"].reason == "'in'=196 is not a multiple of block 32"
     assert mixer["stem.proj"].reason == "type embedding stays dense (policy)"
+    # pad: auto (default): the calibrated CPU model predicts every padded pattern of the
+    # token-mixing layers slower than dense, and the reason says so
+    mixer = plan_schema(load("mixer-b16"), 0.3, 32)
+    assert mixer["blocks.0.mlp_tokens.fc1"].reason == (
+        "dense: predicted 0.82x at best (calibrated-cpu, padded out 384->512, in 196->256)"
+    )
     gpt2 = plan_schema(load("gpt2-small"), 0.3, 32)
     assert gpt2["lm_head"].pattern is None
     # the shared LM head is dense however the policy is set
@@ -364,7 +376,7 @@ def test_dense_reasons():
             mlp("head", 1024, 1024, t=LayerType.HEAD),
         ],
     )
-    plan = plan_schema(s, 0.3, 32)
+    plan = plan_schema(s, 0.3, 32, Policy(pad="never"))
     assert plan["big"].sparse
     assert plan["small"].reason == "under 4 blocks of 32 on a side"
     assert plan["odd"].reason == "'in'=1000 is not a multiple of block 32"
@@ -372,6 +384,30 @@ def test_dense_reasons():
     assert plan["tied"].reason == "weight shared with emb"
     assert plan["head"].reason == "type head stays dense (policy)"
     assert [lp.name for lp in plan.sparse_layers] == ["big"]
+    # pad: auto (default) pads 1000; 160 x 160 padded is predicted slower than dense
+    plan = plan_schema(s, 0.3, 32)
+    assert plan["odd"].sparse and plan["odd"].padding.startswith("padded in 1000->")
+    assert plan["five"].reason.startswith("dense: predicted") and "padded" in plan["five"].reason
+    assert [lp.name for lp in plan.sparse_layers] == ["big", "odd"]
+
+
+def test_mixer_b16_token_mixing_padded_at_0_3():
+    """Issue #12.3: Mixer-B/16's 24 token-mixing GEMMs (196 tokens) are sparse and padded
+    when the cost model predicts the padded layers faster than dense (FLOPs and blocks: 196
+    -> 384 at 12/1/32 keeps 0.33 of the real layer's FLOPs); the padding counts in the budget."""
+    from pxcompile.passes.mapping import FlopsBlockCost
+
+    plan = plan_schema(load("mixer-b16"), 0.3, 32, cost_model=FlopsBlockCost())
+    tok = [lp for lp in plan.layers if lp.gemm.type == LayerType.TOKEN_MIX]
+    assert len(tok) == 24 and all(lp.sparse and lp.pattern.padded for lp in tok)
+    assert all("196->" in lp.padding for lp in tok)
+    assert not plan.note and plan.summary.eligible_fraction <= 0.3
+    for lp in tok:
+        assert lp.flops == pytest.approx(lp.gemm.flops * lp.density)
+        assert lp.density == lp.pattern.density(lp.gemm.in_features, lp.gemm.out_features)
+        assert lp.density > lp.block_density  # padding costs more than the mask's share
+    never = plan_schema(load("mixer-b16"), 0.3, 32, Policy(pad="never"), FlopsBlockCost())
+    assert not any(lp.sparse for lp in never.layers if lp.gemm.type == LayerType.TOKEN_MIX)
 
 
 def test_pinned_density():

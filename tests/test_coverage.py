@@ -67,7 +67,8 @@ class _Reasons(nn.Module):
 
 def test_dense_reasons_map_onto_the_fixed_list():
     # The plan's own wording for each fixed-list reason: fails if that wording drifts.
-    plan = api.plan(_Reasons(), 0.3, 32, example_inputs=(torch.randint(0, 64, (2, 16)),))
+    ids = torch.randint(0, 64, (2, 16))
+    plan = api.plan(_Reasons(), 0.3, 32, example_inputs=(ids,), policy={"pad": "never"})
     cats = {lp.name: reason_category(lp.reason) for lp in plan.layers if not lp.sparse}
     assert plan["mlp"].sparse
     assert cats == {
@@ -78,6 +79,9 @@ def test_dense_reasons_map_onto_the_fixed_list():
         "odd2": NO_PATTERN,
         "head": POLICY_TYPE,
     }
+    # pad: auto (the default) lays a pattern on 200 padded to a size one fits
+    padded = api.plan(_Reasons(), 0.3, 32, example_inputs=(ids,))["odd2"]
+    assert padded.sparse and padded.padding.startswith("padded in 200->")
     for reason, cat in [
         ("no butterfly pattern fits 256x256 at block 32 within density [0.05, 0.9]", NO_PATTERN),
         ("no pattern keeps 0.500 or more (the sparsest a larger mlp layer can have)", NO_PATTERN),

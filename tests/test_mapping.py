@@ -65,7 +65,8 @@ def test_patterns_of_768x3072():
 
 def test_patterns_none_when_nothing_divides():
     assert patterns(mlp(160, 160), 32, 4) == []  # 5 blocks: no 2^f divides 5
-    assert menu_of(mlp(160, 160)) == []
+    assert menu_of(mlp(160, 160), policy=Policy(pad="never")) == []
+    assert all(c.spec.padded for c in menu_of(mlp(160, 160)))  # pad: auto pads it
 
 
 def test_cost_model():
@@ -150,6 +151,7 @@ def gemm_case(draw):
         rank=draw(st.sampled_from([None, None, 0, 8])),
         rank_multiple=draw(st.sampled_from([1, 8])),
         max_pattern_block=draw(st.sampled_from([1, 2, 4])),
+        pad=draw(st.sampled_from(["auto", "never"])),
     )
     return mlp(i, o, rows=draw(st.integers(1, 4096))), block, pol
 
@@ -160,7 +162,8 @@ def test_menu_invariants(case):
     g, block, pol = case
     m = menu_of(g, block, pol)
     cands = all_candidates(g, block, pol)
-    assert bool(m) == bool(cands)
+    # pad: auto adds padded choices where no pattern fits the sides as they are
+    assert bool(m) == bool(cands) or (pol.pad == "auto" and all(c.spec.padded for c in m))
     for a, b in zip(m, m[1:]):
         assert a.density < b.density  # rising density
         assert b.density - a.density >= NEAR_EQUAL * b.density  # no near-equal pair
@@ -324,3 +327,70 @@ def test_attention_menu_at_the_longest_sequence():
     pol = Policy.from_dict({"types": {"attn_scores": {"floor": 1e-5}}})
     m = attention_menu(g, pol, pol.resolve(g, 32))
     assert m and all(1e-5 <= c.density <= 0.25 for c in m)
+
+
+# -- padding (issue #12.3) --------------------------------------------------------------------
+def test_padded_sizes():
+    from pxcompile.passes.mapping import PAD_CANDIDATES, padded_sizes
+
+    assert padded_sizes(196, 32) == [224, 256, 288, 320, 384]
+    assert padded_sizes(384, 32)[0] == 384  # a side the block divides may stay as it is
+    for size in (1, 31, 33, 100, 197, 1000, 3072, MAX_DIM - 1, MAX_DIM):
+        for block in (8, 32, 128):
+            got = padded_sizes(size, block)
+            assert got == sorted(set(got)) and len(got) <= PAD_CANDIDATES
+            assert all(size <= s <= 2 * size and s % block == 0 for s in got)
+
+
+def test_needs_padding():
+    from pxcompile.passes.mapping import needs_padding
+
+    assert needs_padding(mlp(196, 384), 32, 4) and needs_padding(mlp(384, 196), 32, 4)
+    assert needs_padding(mlp(160, 160), 32, 4)  # aligned, but 5 blocks fit no butterfly
+    assert not needs_padding(mlp(768, 3072), 32, 4)
+
+
+@pytest.mark.parametrize("shape", [(196, 384), (384, 196), (197, 768), (1000, 4096)])
+def test_padded_choices_count_the_padding_against_the_real_weight(shape):
+    from pxcompile.passes.mapping import CalibratedCost
+
+    g = Gemm("tok", LayerType.TOKEN_MIX, *shape, rows=6144)
+    i, o = shape
+    m = menu_of(g)
+    assert m and all(c.spec.padded for c in m)
+    for c in m:
+        assert c.spec.misfit(o, i, 32) is None
+        assert c.density == pytest.approx(c.spec.density(i, o)) and c.density < 1
+        po, pi = c.spec.sides(o, i)
+        assert (po * pi) / (o * i) * c.spec.block_density <= c.density + 1e-12
+        assert c.cost == COST.sparse_cost(g, c.spec)
+        # priced as the padded GEMM's pattern (the layer runs at the padded sides)
+        padded = Gemm("p", LayerType.TOKEN_MIX, pi, po, rows=6144)
+        assert c.cost == pytest.approx(COST.sparse_cost(padded, c.spec.unpadded()))
+    for a, b in zip(m, m[1:]):
+        assert b.density - a.density >= NEAR_EQUAL * b.density
+    pol = Policy()
+    fast = menu(g, 32, pol, pol.resolve(g, 32), COST, faster_only=True)
+    assert all(c.cost < COST.dense_cost(g) for c in fast)
+    # pad: never keeps them dense; the calibrated CPU model finds no padded token-mixing
+    # pattern of Mixer-B/16 faster than dense (it is not offered with faster_only)
+    never = Policy(pad="never")
+    assert menu(g, 32, never, never.resolve(g, 32), COST) == []
+    if shape in ((196, 384), (384, 196)):
+        cal = CalibratedCost()
+        assert menu(g, 32, pol, pol.resolve(g, 32), cal, faster_only=True) == []
+
+
+def test_aligned_layers_get_no_padding():
+    for g in (mlp(768, 3072), mlp(1024, 1024), mlp(384, 1536)):
+        assert menu_of(g) and not any(c.spec.padded for c in menu_of(g))
+
+
+def test_padding_the_largest_awkward_layers_is_bounded():
+    """Sides up to 2^24 that no pattern fits: a bounded number of padded shapes and patterns."""
+    import time
+
+    g = mlp(MAX_DIM - 1, MAX_DIM - 3, rows=1)
+    t = time.perf_counter()
+    m = menu_of(g)
+    assert m and all(c.spec.padded for c in m) and time.perf_counter() - t < 20

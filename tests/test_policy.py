@@ -160,9 +160,13 @@ def test_small_and_misaligned_layers_stay_dense_with_reason():
     assert p.resolve(ok, 32).dense_reason is None
     assert Policy(min_blocks=8).resolve(ok, 32).dense_reason == "under 8 blocks of 32 on a side"
     odd_in = Gemm("tok", LayerType.TOKEN_MIX, 196, 384, rows=8)
-    assert p.resolve(odd_in, 32).dense_reason == "'in'=196 is not a multiple of block 32"
     odd_out = Gemm("tok2", LayerType.TOKEN_MIX, 384, 200, rows=8)
-    assert p.resolve(odd_out, 32).dense_reason == "'out'=200 is not a multiple of block 32"
+    # pad: auto (the default) leaves misaligned layers to the mapping pass (padded patterns)
+    assert p.resolve(odd_in, 32).dense_reason is None and p.resolve(odd_in, 32).pad
+    never = Policy(pad="never")
+    assert never.resolve(odd_in, 32).dense_reason == "'in'=196 is not a multiple of block 32"
+    assert never.resolve(odd_out, 32).dense_reason == "'out'=200 is not a multiple of block 32"
+    assert not never.resolve(ok, 32).pad
 
 
 def test_ceiling_never_below_floor_after_rules():
@@ -302,3 +306,26 @@ def test_direct_construction_is_validated():
         Policy(types={**Policy().types, LayerType.MLP: TypeRule(True, floor=0.0)})
     with pytest.raises(PolicyError, match="rank"):
         Policy(rules=(NameRule("x", rank=-1),))
+
+
+def test_pad_setting_round_trips_validates_and_rules_override_it():
+    """``pad: auto|never`` (issue #12.3): YAML, --set, and per name in rules."""
+    assert Policy().pad == "auto" and Policy().to_dict()["pad"] == "auto"
+    p = Policy().with_overrides(["pad=never"])
+    assert p.pad == "never" and Policy.from_dict(p.to_dict()) == p
+    tok = Gemm("blocks.0.mlp_tokens.fc1", LayerType.TOKEN_MIX, 196, 384, rows=8)
+    q = Policy.from_dict({"pad": "never", "rules": [{"match": "*mlp_tokens*", "pad": "auto"}]})
+    assert q.resolve(tok, 32).pad and q.resolve(tok, 32).dense_reason is None
+    assert Policy.from_dict(q.to_dict()) == q
+    r = Policy.from_dict({"rules": [{"match": "*mlp_tokens*", "pad": "never"}]})
+    assert r.resolve(tok, 32).dense_reason == "'in'=196 is not a multiple of block 32"
+    for bad, match in (
+        ("pad=always", "expected auto or never, got 'always'"),
+        ("pad=true", "expected auto or never, got True"),
+        ("rules=[{match: a, pad: sometimes}]", "expected auto or never"),
+    ):
+        one_line_policy_error(Policy().with_overrides, [bad], match=match)
+    with pytest.raises(PolicyError, match="'pad' must be auto or never"):
+        Policy(pad="maybe")
+    with pytest.raises(PolicyError, match=r"rules\[0\] \(a\).pad must be auto or never"):
+        Policy(rules=(NameRule("a", pad="x"),))

@@ -104,7 +104,7 @@ def plan_schema(
             # An attention call's scores and values GEMMs share one pattern: one class.
             shape = ("attention", g.seq)
             type_key, size = "attention", (g.seq or 0) ** 2
-        key = (*shape, res.floor, res.ceiling, res.pinned, res.rank)
+        key = (*shape, res.floor, res.ceiling, res.pinned, res.rank, res.pad)
         cls = classes.get(key)
         if cls is None:
             # Rank by benefit (time-capped ranks), unless only higher ranks reach the floor.

@@ -9,6 +9,11 @@ cost model means fewer, larger blocks per row. The budget pass picks from the me
 Attention's scores and values GEMMs get an :class:`AttentionSpec` menu instead: the policy
 fixes the sequence block and the global blocks, the menu offers the butterfly factors, priced
 by the FLOPs of the blocks they keep (padding to a multiple of ``block * 2^f`` included).
+
+A weight GEMM no pattern fits as it is (a side the block does not divide, or block counts that
+share no butterfly) gets padded choices too under the policy's ``pad: auto``
+(:func:`padded_choices`): patterns on a zero-padded weight, a few padded sizes per side, the
+padding counted in their density and cost.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-from ..patterns import AttentionSpec, PatternSpec
+from ..patterns import MAX_PAD_RATIO, AttentionSpec, PatternSpec
 from ..policy import Policy, Resolved
 from ..schema import Gemm
 
@@ -36,7 +41,9 @@ class CostModel(Protocol):
 
     def dense_cost(self, gemm: Gemm) -> float: ...
 
-    def sparse_cost(self, gemm: Gemm, spec: PatternSpec) -> float: ...
+    def sparse_cost(self, gemm: Gemm, spec: PatternSpec) -> float:
+        """A padded ``spec`` is priced at its padded sides (``spec.sides``)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,7 @@ class FlopsBlockCost:
         return float(gemm.flops)
 
     def sparse_cost(self, gemm: Gemm, spec: PatternSpec) -> float:
-        o, i = gemm.out_features, gemm.in_features
+        o, i = spec.sides(gemm.out_features, gemm.in_features)  # padded, if it is
         pb = spec.pattern_block
         kept = spec.kept_blocks(o, i)
         per_row = 2.0 * (kept * pb * pb + spec.rank * (i + o)) + self.block_overhead * kept
@@ -83,7 +90,7 @@ class CalibratedCost:
         return float(gemm.flops)
 
     def sparse_cost(self, gemm: Gemm, spec: PatternSpec) -> float:
-        o, i = gemm.out_features, gemm.in_features
+        o, i = spec.sides(gemm.out_features, gemm.in_features)  # padded, if it is
         pb = spec.pattern_block
         kept = spec.kept_blocks(o, i)
         narrow = min(o, i)
@@ -306,6 +313,12 @@ def menu(
             old = choices.get(key)
             if old is None or (c.cost, c.spec) < (old.cost, old.spec):
                 choices[key] = c
+    if resolved.pad and needs_padding(gemm, block, policy.max_pattern_block):
+        for c in padded_choices(gemm, block, policy, resolved, cost_model, faster_only, benefit):
+            key = round(c.density, 12)
+            old = choices.get(key)
+            if old is None or (c.cost, c.spec) < (old.cost, old.spec):
+                choices[key] = c
     # Nearly equal densities: keep the cheaper. A sparser choice is never dropped just
     # because a much denser one is cheaper: the budget is in FLOPs, and the allocator needs
     # the sparse end of the menu to meet low budgets (and to keep density monotone in size).
@@ -329,8 +342,12 @@ def slower_than_dense(
     opts = menu(gemm, block, policy, resolved, cost_model)
     if not opts:
         return None
-    best = max(predicted_speedup(gemm, c.spec, cost_model) for c in opts)
-    return f"dense: predicted {best:.2f}x at best ({cost_model.name})"
+    best = max(opts, key=lambda c: predicted_speedup(gemm, c.spec, cost_model))
+    x = predicted_speedup(gemm, best.spec, cost_model)
+    pad = ""
+    if isinstance(best.spec, PatternSpec):
+        pad = best.spec.padding_text(gemm.out_features, gemm.in_features)
+    return f"dense: predicted {x:.2f}x at best ({cost_model.name}" + (f", {pad})" if pad else ")")
 
 
 def _min_block_density(gemm: Gemm, policy: Policy, resolved: Resolved) -> float:
@@ -344,6 +361,90 @@ def _min_block_density(gemm: Gemm, policy: Policy, resolved: Resolved) -> float:
     else:
         need = resolved.floor * (1 - policy.lowrank_share)
     return max(0.0, need * (1 - 1e-9) - 1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# padding (policy ``pad: auto``): a GEMM no pattern fits as it is gets patterns laid on a
+# zero-padded weight, priced at the padded sides, densities relative to the real weight
+# --------------------------------------------------------------------------------------------
+
+#: Padded sizes tried per side (the smallest candidates of :func:`padded_sizes`).
+PAD_CANDIDATES: int = 6
+
+
+def padded_sizes(size: int, block: int, limit: int = PAD_CANDIDATES) -> list[int]:
+    """The sizes a side of ``size`` may be laid on, rising: ``size`` itself if ``block``
+    divides it, and the next multiple of ``block x m x 2^k`` (``m`` in 1, 3, 5) at or above
+    it, up to ``MAX_PAD_RATIO x size``; the ``limit`` smallest. Sizes with many factors of two
+    (and a 3 or 5) are those whose block counts share a butterfly with the other side: the
+    least padding is not always the best (196 -> 224 = 7 blocks of 32 fits no butterfly,
+    196 -> 384 = 12 blocks does). O(log size) candidates.
+
+    Example:
+        >>> padded_sizes(196, 32), padded_sizes(384, 32)
+        ([224, 256, 288, 320, 384], [384, 480, 512, 640, 768])
+    """
+    top = MAX_PAD_RATIO * size
+    out: set[int] = {size} if size % block == 0 else set()
+    for m in (1, 3, 5):
+        q = block * m
+        while q <= top:
+            out.add(-(-size // q) * q)
+            q *= 2
+    return sorted(s for s in out if s <= top)[:limit]
+
+
+def needs_padding(gemm: Gemm, block: int, max_pattern_block: int) -> bool:
+    """Whether padding may help ``gemm``: a side is not a multiple of ``block``, or no
+    butterfly fits its sides as they are (their block counts share no butterfly size)."""
+    o, i = gemm.out_features, gemm.in_features
+    return bool(o % block or i % block) or not patterns(gemm, block, max_pattern_block)
+
+
+def padded_choices(
+    gemm: Gemm,
+    block: int,
+    policy: Policy,
+    resolved: Resolved,
+    cost_model: CostModel,
+    faster_only: bool = False,
+    benefit: bool = False,
+) -> list[Choice]:
+    """Choices on zero-padded weights: for each pair of :func:`padded_sizes` (one side may
+    stay as it is), the padded GEMM's :func:`menu` (its floor and ceiling scaled by the
+    padding), with the padding recorded in the pattern (``padded_out`` / ``padded_in``),
+    densities relative to the real weight (the padding counts against the layer) and costs at
+    the padded sides. With ``faster_only``, only choices the cost model predicts faster than
+    the real dense GEMM (``pad: auto``)."""
+    o, i = gemm.out_features, gemm.in_features
+    dense = cost_model.dense_cost(gemm)
+    out: list[Choice] = []
+    for po in padded_sizes(o, block):
+        for pi in padded_sizes(i, block):
+            ratio = po * pi / (o * i)
+            if (po, pi) == (o, i) or resolved.floor / ratio > 1:
+                continue
+            padded = replace(gemm, out_features=po, in_features=pi)
+            inner = replace(
+                resolved,
+                floor=resolved.floor / ratio,
+                ceiling=min(1.0, resolved.ceiling / ratio),
+                pad=False,
+            )
+            for c in menu(padded, block, policy, inner, cost_model, benefit=benefit):
+                spec = replace(
+                    c.spec,  # type: ignore[arg-type]
+                    padded_out=po if po != o else 0,
+                    padded_in=pi if pi != i else 0,
+                )
+                if spec.misfit(o, i, block):
+                    continue  # a rank above the real narrow side
+                d = spec.density(i, o)
+                cost = cost_model.sparse_cost(gemm, spec)
+                if d >= 1.0 or (faster_only and not dense > MIN_SPEEDUP * cost):
+                    continue
+                out.append(Choice(spec, d, cost))
+    return out
 
 
 def choose(options: list[Choice], target: float) -> Choice:
