@@ -285,16 +285,16 @@ def _bias(attn_mask: Tensor | None, B: int, H: int, L: int, like: Tensor):
     m = attn_mask
     while m.dim() < 4:
         m = m.unsqueeze(0)
+    if m.dtype == torch.bool:  # at the mask's own size: broadcast dims stay unmaterialised
+        b = torch.zeros(m.shape, dtype=dt, device=m.device).masked_fill_(~m, -math.inf)
+    else:
+        b = m.to(dt)
     try:
-        m = m.expand(B, H, L, L)
+        b = b.expand(B, H, L, L)
     except RuntimeError:
         raise ValueError(
             f"attn_mask of shape {tuple(attn_mask.shape)} does not fit [{B}, {H}, {L}, {L}]"
         ) from None
-    if m.dtype == torch.bool:
-        b = torch.zeros(m.shape, dtype=dt, device=m.device).masked_fill_(~m, -math.inf)
-    else:
-        b = m.to(dt)
     return b, b.stride()
 
 
