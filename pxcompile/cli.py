@@ -375,7 +375,11 @@ def _trace_cmd(argv: list[str]) -> int:
         "--output",
         dest="output",
         metavar="FILE",
-        help="write the schema YAML (the form `pxcompile FILE` plans), e.g. --schema-out s.yaml",
+        help="write the schema YAML (the form `pxcompile FILE` plans; repeated blocks written "
+        "once with repeat: N), e.g. --schema-out s.yaml",
+    )
+    p.add_argument(
+        "--long", action="store_true", help="--schema-out: write every GEMM out, no repeat: blocks"
     )
     p.add_argument(
         "--model", default="model", help="name of the nn.Module or factory (default 'model')"
@@ -400,7 +404,7 @@ def _trace_cmd(argv: list[str]) -> int:
             report.print_schema(traced, report.make_console())
         if args.output:
             with outs:
-                outs.write_text(args.output, traced.schema.to_yaml())
+                outs.write_text(args.output, traced.schema.to_yaml(compact=not args.long))
         return 0
 
     return _guard(run)

@@ -641,3 +641,75 @@ def test_masks_too_large_to_hold_are_refused(capsys, tmp_path):
                        tmp_path / "m.npz")  # fmt: skip
     assert_one_line_error(rc, err, "--masks-out", "blocks, more than 268,435,456")
     assert listing(tmp_path) == ["wide.yaml"]
+
+
+# -- models built from their config, without weights (hf:, timm:, torchvision:) ---------------
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "max_position_embeddings": 64,
+}
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path) -> Path:
+    pytest.importorskip("transformers")
+    d = tmp_path / "tiny-llama"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return d
+
+
+def test_hf_config_is_planned_without_weights(capsys, tiny_llama_dir):
+    spec = f"hf:{tiny_llama_dir}"
+    rc, out, err = run(capsys, spec, "--budget", "0.3", "--block", "32")
+    assert rc == 0, err
+    assert "tiny-llama" in out and "model.layers.2.mlp.down_proj" in out
+    assert "not verified" in err and "built from its config without weights" in err
+    d = run_json(capsys, spec, "--budget", "0.3", "--block", "32", "--cost-model", "flops+blocks")
+    rows = {r["name"]: r for r in d["layers"]}
+    assert len(rows) == 3 * 9 + 1  # q k v scores values o gate up down per layer, lm_head
+    assert any(r["action"] == "sparse" for r in rows.values())
+
+
+def test_trace_schema_out_round_trips_to_the_same_plan(capsys, tmp_path, tiny_llama_dir):
+    spec = f"hf:{tiny_llama_dir},seq=64"
+    s = tmp_path / "out" / "s.yaml"
+    rc, out, err = run(capsys, "trace", spec, "--schema-out", s)
+    assert rc == 0, err
+    assert yaml.safe_load(s.read_text())["name"] == "tiny-llama"
+    assert "repeat: 3" in s.read_text()  # the compact form: one decoder layer, 3 times
+    long = tmp_path / "long.yaml"
+    assert run(capsys, "trace", spec, "--schema-out", long, "--long")[0] == 0
+    assert "repeat:" not in long.read_text() and "model.layers.2.mlp.up_proj" in long.read_text()
+    p_schema, p_model = tmp_path / "from-schema.yaml", tmp_path / "from-model.yaml"
+    flags = ["--budget", "0.3", "--block", "16", "--cost-model", "flops+blocks"]
+    assert run(capsys, s, *flags, "--plan-out", p_schema)[0] == 0
+    assert run(capsys, spec, *flags, "--plan-out", p_model)[0] == 0
+    assert p_schema.read_text() == p_model.read_text()
+    assert "pattern:" in p_model.read_text()  # some layers are sparse
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["bench", "{spec}", "--budget", "0.3"], "bench needs the model's weights"),
+        (["check", "{spec}", "--budget", "0.3"], "check needs the model's weights"),
+        (["{spec}", "--budget", "0.3", "-o", "{tmp}/m.px"], "-o/--output needs the model's"),
+        (["timm:mixer_b16_22", "--budget", "0.3"], "did you mean mixer_b16_224"),
+        (["trace", "torchvision:resnet5"], "no such model; did you mean resnet50"),
+        (["hf:{tmp}/nowhere", "--budget", "0.3"], "no such file or directory"),
+    ],
+)
+def test_model_spec_mistakes_are_one_line(capsys, tmp_path, tiny_llama_dir, argv, needle):
+    spec = f"hf:{tiny_llama_dir},seq=16"
+    argv = [a.format(spec=spec, tmp=tmp_path) for a in argv]
+    rc, _, err = run(capsys, *argv)
+    assert_one_line_error(rc, err, needle)
+    assert not (tmp_path / "m.px").exists()
