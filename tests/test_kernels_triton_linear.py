@@ -83,12 +83,13 @@ def _as_dense(layer: PixelflyLinear, blocks: torch.Tensor) -> torch.Tensor:
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def _check(layer: PixelflyLinear, rows: int, dtype: torch.dtype, tol: float, monkeypatch):
-    """Layer in ``dtype`` through the Triton kernel vs the fp64 masked-dense reference."""
+def _check(layer, rows: int, dtype: torch.dtype, tol: float, monkeypatch, device: str = "cpu"):
+    """Layer in ``dtype`` on ``device`` through the Triton kernel vs the fp64 masked-dense
+    reference (on the CPU)."""
     torch.manual_seed(1)
     layer = layer.double()
     ref, w, b, u, v = _reference(layer)
@@ -97,15 +98,16 @@ def _check(layer: PixelflyLinear, rows: int, dtype: torch.dtype, tol: float, mon
     yr = ref(xr)
     gy = torch.randn_like(yr)
     yr.backward(gy)
-    layer = layer.to(dtype)
-    xt = x.to(dtype).requires_grad_(True)
+    layer = layer.to(device, dtype)
+    xt = x.to(device, dtype).requires_grad_(True)
     monkeypatch.setenv("PXCOMPILE_KERNELS", "triton")
     y = layer(xt)
-    y.backward(gy.to(dtype))
-    assert y.dtype == dtype and y.shape == yr.shape
+    y.backward(gy.to(device, dtype))
+    assert y.dtype == dtype and y.shape == yr.shape and y.device == xt.device
     assert _rel(y, yr) < tol
     assert _rel(xt.grad, xr.grad) < tol
-    assert _rel(_as_dense(layer, layer.blocks.grad.double()), w.grad * layer.mask()) < tol
+    g_blocks = _as_dense(layer, layer.blocks.grad.double().cpu())
+    assert _rel(g_blocks, w.grad * layer.mask().cpu()) < tol
     if b is not None:
         assert _rel(layer.bias.grad, b.grad) < tol
     if u is not None:
@@ -260,3 +262,32 @@ def test_torch_compile_sees_one_op_per_layer(monkeypatch):
     ops = [n.target for n in cnt.graphs[0].graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.pxcompile.pixelfly_linear_triton.default) == 2
     torch._dynamo.reset()
+
+
+needs_cuda = pytest.mark.skipif(
+    IN_INTERPRETER or not torch.cuda.is_available(), reason="needs a CUDA GPU"
+)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("fin", "fout", "spec", "rows"),
+    [
+        (256, 1024, PatternSpec(4, 2, 32, 8), 1000),
+        (1024, 256, PatternSpec(8, 3, 32, 0), 777),
+        (192, 96, PatternSpec(12, 2, 8, 5), 33),
+        (768, 3072, PatternSpec(8, 1, 64, 16), 2048),
+    ],
+    ids=["gather", "scatter", "n12", "gpt2-fc"],
+)
+def test_cuda_matches_masked_dense(fin, fout, spec, rows, dtype, monkeypatch):
+    """On a GPU (compiled kernels, auto dispatch picks them): the same checks, fp32 at full
+    precision, fp16/bf16 within their rounding; the layer moved with .to("cuda")."""
+    from pxcompile.kernels import select
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert select("linear", torch.zeros(1, device="cuda")) == "triton"
+    tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.manual_seed(0)
+    _check(PixelflyLinear(fin, fout, spec), rows, dtype, tol, monkeypatch, device="cuda")

@@ -66,7 +66,7 @@ def _run(gm, idx, kernels: str, monkeypatch):
     monkeypatch.setenv("PXCOMPILE_KERNELS", kernels)
     gm.zero_grad()
     out = gm(idx)
-    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    weights = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out)
     (out * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in gm.named_parameters() if p.grad is not None}
     return out.detach(), grads
@@ -169,3 +169,22 @@ def test_sparsified_gpt_with_pixelfly_attention_matches_the_torch_kernels(monkey
         loaded = again(idx)
     assert len(calls) == 2
     assert _rel(loaded, want) < 1e-4
+
+
+@pytest.mark.skipif(IN_INTERPRETER or not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sparsified_gpt_moved_to_cuda(monkeypatch):
+    """sparsify on the CPU, then .to("cuda"): the Triton kernels (auto) give the CPU model's
+    outputs and gradients."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.delenv("PXCOMPILE_KERNELS", raising=False)
+    gpt = _example("gpt")
+    torch.manual_seed(0)
+    model = gpt.GPT(vocab=64, context=32, dim=64, layers=2, heads=2, hidden=128)
+    idx = torch.randint(0, 64, (2, 32))
+    gm = pxcompile.apply(model, _plan(model, idx), (idx,))
+    want, want_g = _run(gm, idx, "auto", monkeypatch)
+    gm.to("cuda")
+    got, got_g = _run(gm, idx.cuda(), "auto", monkeypatch)
+    assert _rel(got.cpu(), want) < 1e-4
+    for name in want_g:
+        assert _rel(got_g[name].cpu(), want_g[name]) < 1e-4, name
