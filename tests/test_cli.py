@@ -682,8 +682,12 @@ def test_trace_schema_out_round_trips_to_the_same_plan(capsys, tmp_path, tiny_ll
     spec = f"hf:{tiny_llama_dir},seq=64"
     s = tmp_path / "out" / "s.yaml"
     rc, out, err = run(capsys, "trace", spec, "--schema-out", s)
-    assert rc == 0, err and s.exists()
+    assert rc == 0, err
     assert yaml.safe_load(s.read_text())["name"] == "tiny-llama"
+    assert "repeat: 3" in s.read_text()  # the compact form: one decoder layer, 3 times
+    long = tmp_path / "long.yaml"
+    assert run(capsys, "trace", spec, "--schema-out", long, "--long")[0] == 0
+    assert "repeat:" not in long.read_text() and "model.layers.2.mlp.up_proj" in long.read_text()
     p_schema, p_model = tmp_path / "from-schema.yaml", tmp_path / "from-model.yaml"
     flags = ["--budget", "0.3", "--block", "16", "--cost-model", "flops+blocks"]
     assert run(capsys, s, *flags, "--plan-out", p_schema)[0] == 0
