@@ -15,8 +15,10 @@ dropout from Philox (``tl.rand`` on a seed and the element's ``(head, row, col)`
 backward regenerates the same mask); it stores the output and the row log-sum-exp.
 Backward (FlashAttention-2): ``delta = rowsum(dO * O)``; one kernel per key tile recomputes
 ``P = exp(S - lse)`` for its query tiles and accumulates dK, dV; one per query tile
-accumulates dQ. Rows that see no key give zeros (their log-sum-exp is stored as +inf, so
-their probabilities and gradients are zero), as on the CPU path.
+accumulates dQ. The grid runs heads fastest, so the longest programs (the global blocks' dense
+rows and columns, tile 0) start first instead of trailing. Rows that see no key give zeros
+(their log-sum-exp is stored as +inf, so their probabilities and gradients are zero), as on the
+CPU path.
 
 Inputs fp32 (``tl.dot`` in TF32 unless ``torch.get_float32_matmul_precision() == "highest"``, as
 for cuBLAS), fp16, bf16 (fp32 accumulation), fp64 (fp64 accumulation); head dims up to 128 (loads
@@ -103,8 +105,8 @@ def _fwd_kernel(
     BDV: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    qt = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    qt = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)
     t = tl.arange(0, T)
     rows = qt * T + t
     cd = tl.arange(0, BD)[None, :]
@@ -157,8 +159,8 @@ def _bwd_dkdv_kernel(
     BDV: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    kt = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    kt = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)
     t = tl.arange(0, T)
     cols = kt * T + t
     cd = tl.arange(0, BD)[None, :]
@@ -213,8 +215,8 @@ def _bwd_dq_kernel(
     BDV: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
     PREC: tl.constexpr, UPCAST: tl.constexpr, ACC: tl.constexpr,
 ):  # fmt: skip
-    qt = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    qt = tl.program_id(1)
+    bh = tl.program_id(0).to(tl.int64)
     t = tl.arange(0, T)
     rows = qt * T + t
     cd = tl.arange(0, BD)[None, :]
@@ -258,6 +260,11 @@ def _bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------
+
+
+def _stages(tile: int, width: int, elem: int) -> int:
+    """Pipeline stages: as many K/V tiles in flight as fit ~96 KiB of shared memory (1-3)."""
+    return max(1, min(3, (96 << 10) // (tile * width * elem)))
 
 
 def _pow2(x: int) -> int:
@@ -314,9 +321,9 @@ class _TritonFn(torch.autograd.Function):
         meta = dict(
             D=d, DV=dv_, T=T, BD=_pow2(d), BDV=_pow2(dv_), CAUSAL=bool(causal),
             HAS_BIAS=has_bias, DROPOUT=dropout_p > 0, **_modes(q),
-            num_warps=4, num_stages=2 if max(d, dv_) > 64 else 3,
+            num_warps=4, num_stages=_stages(T, _pow2(d) + _pow2(dv_), q.element_size()),
         )  # fmt: skip
-        _fwd_kernel[(L // T, B * H)](
+        _fwd_kernel[(B * H, L // T)](
             q, k, v, out, lse, bias, row_ptr, key_tiles, seed, scale, dropout_p,
             L, H, *strides, **meta,
         )  # fmt: skip
@@ -335,10 +342,10 @@ class _TritonFn(torch.autograd.Function):
         delta = (go.to(lse.dtype) * out.to(lse.dtype)).sum(-1).view(B * H, L)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         common = (seed, scale, dropout_p, L, H, *strides)
-        _bwd_dkdv_kernel[(L // T, B * H)](
+        _bwd_dkdv_kernel[(B * H, L // T)](
             q, k, v, go, lse, delta, dk, dv, bias, col_ptr, query_tiles, *common, **meta
         )
-        _bwd_dq_kernel[(L // T, B * H)](
+        _bwd_dq_kernel[(B * H, L // T)](
             q, k, v, go, lse, delta, dq, bias, row_ptr, key_tiles, *common, **meta
         )
         return dq, dk, dv, None, None, None, None, None, None
