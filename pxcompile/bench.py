@@ -13,10 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from rich.table import Table
 from torch import nn
 
 from .api import Inputs, call
 from .errors import PxError
+from .passes.mapping import CostModel, predicted_speedup
+from .patterns import PatternSpec
+from .plans import Plan
+from .schema import Gemm
 
 
 def _loss(out: Any) -> torch.Tensor:
@@ -95,3 +100,101 @@ def compare(dense: nn.Module, compiled: nn.Module, inputs: Inputs, repeats: int 
     nd = sum(p.numel() for p in dense.parameters())
     nc = sum(p.numel() for p in compiled.parameters())
     return Comparison(fwd, trn, nc / nd, (fd * 1e3, fc * 1e3), (td * 1e3, tc * 1e3))
+
+
+def layer_ratio(gemm: Gemm, spec: PatternSpec, repeats: int = 3) -> float:
+    """Pixelfly / dense forward time (no grad) of one layer of ``gemm``'s shape at its rows:
+    ``F.linear`` against a :class:`~pxcompile.layers.PixelflyLinear` with ``spec``, median of
+    back-to-back pairs (a first pair warms up, and compiles where the layer compiles)."""
+    from .layers import PixelflyLinear
+
+    torch.manual_seed(0)
+    o, i = gemm.out_features, gemm.in_features
+    w, b = torch.randn(o, i) / i**0.5, torch.zeros(o)
+    layer = PixelflyLinear(i, o, spec)
+    x = torch.randn(max(1, gemm.rows), i)
+
+    def dense() -> None:
+        with torch.no_grad():
+            torch.nn.functional.linear(x, w, b)
+
+    def sparse() -> None:
+        with torch.no_grad():
+            layer(x)
+
+    return paired(sparse, dense, repeats=repeats, warmup=1)[0]
+
+
+@dataclass
+class LayerSpeed:
+    """Predicted and measured forward speedup of the sparse weight GEMMs of one shape,
+    pattern and row count (``names``: the plan's GEMMs that share them)."""
+
+    names: list[str]
+    gemm: Gemm
+    spec: PatternSpec
+    predicted: float
+    measured: float
+
+    @property
+    def error(self) -> float:
+        """predicted / measured - 1 (positive: the cost model is optimistic)."""
+        return self.predicted / self.measured - 1.0
+
+
+def layer_table(layers: list[LayerSpeed], cost_model: CostModel) -> Table:
+    """Predicted vs measured speedup per distinct sparse layer, and the model's RMS error."""
+    import math
+
+    t = Table(
+        title=f"each sparse layer alone, forward: predicted ({cost_model.name}) vs measured",
+        title_justify="left",
+    )
+    for col in ("GEMMs", "shape", "rows", "pattern n/f/pb", "rank", "pred x", "meas x", "error"):
+        t.add_column(col, justify="left" if col == "GEMMs" else "right")
+    for ls in layers:
+        s = ls.spec
+        more = f" (+{len(ls.names) - 1})" if len(ls.names) > 1 else ""
+        t.add_row(
+            ls.names[0] + more,
+            f"{ls.gemm.out_features}x{ls.gemm.in_features}",
+            str(ls.gemm.rows),
+            f"{s.butterfly}/{s.factors}/{s.pattern_block}",
+            str(s.rank),
+            f"{ls.predicted:.2f}",
+            f"{ls.measured:.2f}",
+            f"{ls.error:+.0%}",
+        )
+    if layers:
+        rms = math.sqrt(sum(math.log(x.predicted / x.measured) ** 2 for x in layers) / len(layers))
+        t.caption = f"RMS log error {rms:.2f} (pxcompile calibrate fits the model to this machine)"
+    return t
+
+
+def layer_speedups(
+    plan: Plan,
+    cost_model: CostModel | None = None,
+    repeats: int = 3,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[LayerSpeed]:
+    """Each distinct sparse weight layer of ``plan`` timed alone (:func:`layer_ratio`) beside
+    what ``cost_model`` (default: the report's, calibrated-cpu) predicts for it."""
+    from .report import prediction_model
+
+    model = prediction_model(plan, cost_model)
+    groups: dict[tuple, list] = {}
+    for lp in plan.sparse_weight_layers:
+        g, spec = lp.gemm, lp.pattern
+        groups.setdefault((g.out_features, g.in_features, g.rows, spec), []).append(lp)
+    out = []
+    for k, lps in enumerate(groups.values()):
+        g, spec = lps[0].gemm, lps[0].pattern
+        measured = 1.0 / layer_ratio(g, spec, repeats)
+        out.append(
+            LayerSpeed(
+                [lp.name for lp in lps], g, spec, predicted_speedup(g, spec, model), measured
+            )
+        )
+        if progress:
+            progress(k + 1, len(groups))
+    return out

@@ -33,6 +33,7 @@ other commands:
   pxcompile trace MODEL --schema-out s.yaml  dump the traced schema (a start for a YAML schema)
   pxcompile bench MODEL.py --budget 0.3     measure the compiled model against its dense self
   pxcompile check MODEL.py --budget 0.3     per-layer error of the rewrite at initialization
+  pxcompile calibrate -o cost.yaml          fit the cost model to this machine (--cost-model FILE)
 """
 
 
@@ -106,10 +107,10 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--cost-model",
-        choices=["calibrated-cpu", "flops+blocks"],
-        default="calibrated-cpu",
+        metavar="NAME|FILE",
+        default=None,
         help="how the mapping pass prices patterns: calibrated-cpu (default; fitted to this "
-        "project's CPU measurements) or flops+blocks",
+        "project's CPU measurements), flops+blocks, or a file from `pxcompile calibrate -o FILE`",
     )
     g.add_argument(
         "--strict", action="store_true", help="fail (exit 3) when the budget is not attainable"
@@ -199,9 +200,10 @@ def _guard(fn) -> int:
 
 
 def _cost_model(args: argparse.Namespace):
-    from .passes.mapping import COST_MODELS
+    """``--cost-model NAME|FILE``; the default is calibrated-cpu."""
+    from .cost_file import resolve
 
-    return COST_MODELS[getattr(args, "cost_model", None) or "calibrated-cpu"]
+    return resolve(getattr(args, "cost_model", None))
 
 
 def _policy(args: argparse.Namespace):
@@ -340,10 +342,11 @@ def _finish(
             files[args.draw] = report.draw_png_bytes(plan)
         except ImportError:
             raise PxError("--draw needs matplotlib: pip install 'pxcompile[draw]'") from None
+    cost_model = _cost_model(args) if getattr(args, "cost_model", None) else None
     if args.json:
-        print(json.dumps(report.plan_json(plan), indent=1))
+        print(json.dumps(report.plan_json(plan, cost_model), indent=1))
     else:
-        report.print_plan(plan, report.make_console(), extra_columns)
+        report.print_plan(plan, report.make_console(), extra_columns, cost_model)
     if getattr(args, "strict", False) and plan.note:
         from .errors import BudgetNotAttainable
 
@@ -426,6 +429,11 @@ def _bench_cmd(argv: list[str]) -> int:
     p.add_argument(
         "--threads", type=_positive, default=None, help="torch threads (default: torch's)"
     )
+    p.add_argument(
+        "--no-layers",
+        action="store_true",
+        help="skip timing each distinct sparse layer alone (predicted vs measured speedup)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
 
@@ -435,7 +443,7 @@ def _bench_cmd(argv: list[str]) -> int:
         import torch
 
         from . import api, report
-        from .bench import compare
+        from .bench import compare, layer_speedups, layer_table
         from .model_specs import load_model, require_weights
 
         if args.threads is not None:
@@ -446,6 +454,7 @@ def _bench_cmd(argv: list[str]) -> int:
         plan = plan_model(args, model, traced)
         gm = api.apply(model, plan, inputs, traced=traced)
         c = compare(copy.deepcopy(model), gm, inputs, args.repeats)
+        layers = [] if args.no_layers else layer_speedups(plan, _cost_model(args), 3)
         s = plan.summary
         result = {
             "model": args.input,
@@ -457,6 +466,17 @@ def _bench_cmd(argv: list[str]) -> int:
             "train_step_speedup": c.train_speedup,
             "threads": torch.get_num_threads(),
             "repeats": args.repeats,
+            "layers": [
+                {
+                    "gemms": ls.names,
+                    "shape": [ls.gemm.out_features, ls.gemm.in_features],
+                    "rows": ls.gemm.rows,
+                    "pattern": ls.spec.to_dict(),
+                    "predicted_speedup": ls.predicted,
+                    "measured_speedup": ls.measured,
+                }
+                for ls in layers
+            ],
         }
         if args.json:
             print(json.dumps(result, indent=1))
@@ -472,6 +492,8 @@ def _bench_cmd(argv: list[str]) -> int:
             f"forward {c.forward_speedup:.2f}x, training step {c.train_speedup:.2f}x",
             highlight=False,
         )
+        if layers:
+            con.print(layer_table(layers, report.prediction_model(plan, _cost_model(args))))
         return 0
 
     return _guard(run)
@@ -483,4 +505,88 @@ def _check_cmd(argv: list[str]) -> int:
     return check_main(argv)
 
 
-SUBCOMMANDS: dict = {"trace": _trace_cmd, "bench": _bench_cmd, "check": _check_cmd}
+def _calibrate_cmd(argv: list[str]) -> int:
+    from .calibrate import QUICK_ROWS, QUICK_SHAPES, ROWS, SHAPES, TIME_LIMIT
+
+    p = _Parser(
+        prog="pxcompile calibrate",
+        description="Fit the calibrated cost model to this machine: time dense vs Pixelfly "
+        "layers (a few shapes, rows, patterns and ranks; medians of back-to-back pairs; at "
+        f"most about {TIME_LIMIT:.0f} s), fit move, per_block and lowrank, and write a "
+        "cost-model file for --cost-model FILE.",
+        epilog="example:\n  pxcompile calibrate -o cost.yaml\n"
+        "  pxcompile examples/gpt.py --budget 0.3 --cost-model cost.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "-o", "--output", metavar="FILE", help="write the cost model (YAML; .json: JSON)"
+    )
+    p.add_argument("--quick", action="store_true", help="smaller layers, fewer points (~10 s)")
+    p.add_argument(
+        "--shapes",
+        metavar="OUTxIN,...",
+        help="layer shapes to time (default "
+        + ",".join(f"{o}x{i}" for o, i in SHAPES)
+        + "; --quick: "
+        + ",".join(f"{o}x{i}" for o, i in QUICK_SHAPES)
+        + ")",
+    )
+    p.add_argument(
+        "--rows",
+        metavar="N,...",
+        help=f"rows (tokens x batch) per forward (default {','.join(map(str, ROWS))}; "
+        f"--quick: {','.join(map(str, QUICK_ROWS))})",
+    )
+    p.add_argument("--block", type=_block, default=32, help="hardware block (default 32)")
+    p.add_argument("--repeats", type=_positive, default=3, help="timed pairs per layer (default 3)")
+    p.add_argument(
+        "--threads", type=_positive, default=None, help="torch threads (default: torch's)"
+    )
+    p.add_argument(
+        "--name", default=None, help="the model's name in plans (default calibrated:HOST)"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = p.parse_args(argv)
+
+    def run() -> int:
+        import platform
+
+        import torch
+
+        from . import calibrate, cost_file, report
+        from .io import OutputSet
+
+        outs = OutputSet({"-o": args.output})  # a bad path fails before the work
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        shapes = calibrate.parse_shapes(args.shapes) if args.shapes else None
+        rows = calibrate.parse_rows(args.rows) if args.rows else None
+        name = args.name or f"calibrated:{platform.node() or 'this-machine'}"
+        model, points, fit = calibrate.run(
+            shapes or (QUICK_SHAPES if args.quick else SHAPES),
+            rows or (QUICK_ROWS if args.quick else ROWS),
+            args.block,
+            args.repeats,
+            name=name,
+            show_progress=not args.json,
+        )
+        data = cost_file.to_data(model, fit)
+        if args.json:
+            print(json.dumps(data, indent=1))
+        else:
+            calibrate.print_table(model, points, fit, report.make_console())
+        if args.output:
+            text = json.dumps(data, indent=1) + "\n" if args.output.endswith(".json") else None
+            with outs:
+                outs.write_text(args.output, text or cost_file.dumps(model, fit))
+        return 0
+
+    return _guard(run)
+
+
+SUBCOMMANDS: dict = {
+    "trace": _trace_cmd,
+    "bench": _bench_cmd,
+    "check": _check_cmd,
+    "calibrate": _calibrate_cmd,
+}

@@ -14,14 +14,30 @@ from rich.table import Table
 
 from .errors import PxError
 from .io import atomic_write_bytes
-from .passes.mapping import COST_MODELS, predicted_speedup
+from .passes.mapping import COST_MODELS, CostModel, FlopsBlockCost, predicted_speedup
 from .plans import Plan
 from .schema import human
 
 
-def plan_table(plan: Plan, extra_columns: dict[str, dict[str, str]] | None = None) -> Table:
+def prediction_model(plan: Plan, cost_model: CostModel | None = None) -> CostModel:
+    """The cost model that predicts speedups in reports: ``cost_model`` (the one planning
+    used, e.g. a calibrated file), else the plan's if it is registered, else calibrated-cpu;
+    never flops+blocks, which ranks patterns but does not predict time."""
+    for m in (cost_model, COST_MODELS.get(plan.cost_model)):
+        if m is not None and not isinstance(m, FlopsBlockCost):
+            return m
+    return COST_MODELS["calibrated-cpu"]
+
+
+def plan_table(
+    plan: Plan,
+    extra_columns: dict[str, dict[str, str]] | None = None,
+    cost_model: CostModel | None = None,
+) -> Table:
     """One row per GEMM: what it gets and what that costs. ``extra_columns`` maps a column
-    title to per-layer cells (e.g. measured errors or predicted speedups)."""
+    title to per-layer cells (e.g. measured errors or predicted speedups); "pred x" is the
+    :func:`prediction_model`'s."""
+    model = prediction_model(plan, cost_model)
     t = Table(
         title=f"{plan.model}: block {plan.block}, budget {_budget(plan)}", title_justify="left"
     )
@@ -67,7 +83,7 @@ def plan_table(plan: Plan, extra_columns: dict[str, dict[str, str]] | None = Non
             style = ""
         params = "-" if not g.has_weight else f"{human(g.params)} → {human(lp.params)}"
         flops = f"{human(g.flops)} → {human(lp.flops)}"
-        pred = "-" if lp.pattern is None else f"{predicted_speedup(g, lp.pattern):.2f}"
+        pred = "-" if lp.pattern is None else f"{predicted_speedup(g, lp.pattern, model):.2f}"
         cells = [
             g.name,
             g.type.value,
@@ -98,7 +114,7 @@ def plan_table(plan: Plan, extra_columns: dict[str, dict[str, str]] | None = Non
         f"{human(s.dense_params)} → {human(s.params)}",
         f"{human(s.model_flops)} → {human(s.model_kept)}",
         f"{len(plan.sparse_layers)} of {len(plan.layers)} GEMMs sparse",
-        f"{model_predicted_speedup(plan):.2f}",
+        f"{model_predicted_speedup(plan, model):.2f}",
         *["" for _ in extra_columns],
         style="bold",
     )
@@ -110,9 +126,10 @@ def _budget(plan: Plan) -> str:
     return "-" if plan.budget is None else f"{plan.budget:g}"
 
 
-def model_predicted_speedup(plan: Plan) -> float:
-    """Predicted forward speedup of all the schema's GEMMs together (calibrated CPU model)."""
-    model = COST_MODELS["calibrated-cpu"]
+def model_predicted_speedup(plan: Plan, cost_model: CostModel | None = None) -> float:
+    """Predicted forward speedup of all the schema's GEMMs together (the
+    :func:`prediction_model`: calibrated CPU unless planning used another)."""
+    model = prediction_model(plan, cost_model)
     dense = sum(model.dense_cost(lp.gemm) for lp in plan.layers)
     sparse = sum(
         model.dense_cost(lp.gemm) / predicted_speedup(lp.gemm, lp.pattern, model)
@@ -121,13 +138,15 @@ def model_predicted_speedup(plan: Plan) -> float:
     return dense / sparse if sparse else 1.0
 
 
-def summary_lines(plan: Plan) -> list[str]:
+def summary_lines(plan: Plan, cost_model: CostModel | None = None) -> list[str]:
     s = plan.summary
+    model = prediction_model(plan, cost_model)
+    where = "on CPU" if model.name == "calibrated-cpu" else f"({model.name})"
     lines = [
         f"achieved budget: {s.eligible_fraction:.4f} of the eligible GEMMs' compute "
         f"(budget {_budget(plan)}); whole model: {s.model_fraction:.4f} "
         f"(dense GEMMs included); params {s.params / max(s.dense_params, 1):.4f} of dense; "
-        f"predicted GEMM speedup on CPU {model_predicted_speedup(plan):.2f}x"
+        f"predicted GEMM speedup {where} {model_predicted_speedup(plan, model):.2f}x"
     ]
     if s.attention_flops:
         att = plan.sparse_attention_layers
@@ -154,16 +173,22 @@ def make_console(stderr: bool = False) -> Console:
     return c
 
 
-def print_plan(plan: Plan, console: Console | None = None, extra_columns=None) -> None:
+def print_plan(
+    plan: Plan,
+    console: Console | None = None,
+    extra_columns=None,
+    cost_model: CostModel | None = None,
+) -> None:
     console = console or make_console()
-    console.print(plan_table(plan, extra_columns))
-    for line in summary_lines(plan):
+    console.print(plan_table(plan, extra_columns, cost_model))
+    for line in summary_lines(plan, cost_model):
         style = "bold red" if line.startswith("not attainable") else "bold"
         console.print(line, style=style, highlight=False)
 
 
-def plan_json(plan: Plan) -> dict[str, Any]:
+def plan_json(plan: Plan, cost_model: CostModel | None = None) -> dict[str, Any]:
     """The same as the table, for machines."""
+    model = prediction_model(plan, cost_model)
     d = plan.to_dict()
     s = plan.summary
     d["summary"].update(
@@ -181,11 +206,12 @@ def plan_json(plan: Plan) -> dict[str, Any]:
             mask_density=lp.block_density,
             density=lp.density,
             kept_per_row=lp.kept_per_row,
-            predicted_speedup=predicted_speedup(lp.gemm, lp.pattern),
+            predicted_speedup=predicted_speedup(lp.gemm, lp.pattern, model),
         )
         if lp.padding:  # 'padded in 196->384'; the padded sides are in the pattern
             row["padding"] = lp.padding
-    d["summary"]["predicted_speedup"] = model_predicted_speedup(plan)
+    d["summary"]["predicted_speedup"] = model_predicted_speedup(plan, model)
+    d["summary"]["prediction_model"] = model.name
     return d
 
 

@@ -20,7 +20,13 @@ from hypothesis import strategies as st
 
 from pxcompile.errors import BudgetNotAttainable, PxError
 from pxcompile.passes.budget import check_args, plan_schema
-from pxcompile.passes.mapping import DEFAULT_COST_MODEL, menu, predicted_speedup
+from pxcompile.passes.mapping import (
+    DEFAULT_COST_MODEL,
+    max_auto_rank,
+    menu,
+    predicted_speedup,
+    rank_time_share,
+)
 from pxcompile.patterns import PatternSpec
 from pxcompile.plans import TOLERANCE, Plan
 from pxcompile.policy import Policy
@@ -545,3 +551,92 @@ def test_attention_gemms_share_a_pattern_and_stay_monotone_in_length():
     assert s.attainable or "density ceilings" in s.note
     off = plan_schema(ModelSchema("m", gemms), 0.2, 32, Policy(attention_min_seq=16384))
     assert not off.sparse_attention_layers
+
+
+# -- plan for speed (issue #12.4) -------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+SPEED_BUDGETS = (0.5, 0.3, 0.15)
+
+
+def assert_never_slower(plan: Plan) -> None:
+    for lp in plan.sparse_layers:
+        x = predicted_speedup(lp.gemm, lp.pattern, DEFAULT_COST_MODEL)
+        assert x > 1.0, f"{plan.model} at {plan.budget}: {lp.name} predicted {x:.2f}x"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "schemas").glob("*.yaml")), ids=lambda p: p.stem)
+def test_no_shipped_schema_plan_has_a_layer_predicted_slower_than_dense(path):
+    schema = ModelSchema.load(path)
+    for budget in SPEED_BUDGETS:
+        assert_never_slower(plan_schema(schema, budget, 32))
+
+
+@pytest.mark.parametrize("name", ["gpt", "mixer", "vit"])
+def test_no_shipped_example_plan_has_a_layer_predicted_slower_than_dense(name):
+    from pxcompile import api
+    from pxcompile.modelfile import load_model_file
+
+    path = str(ROOT / "examples" / f"{name}.py")
+    model, inputs = load_model_file(path, "model", "example_inputs")
+    traced = api.trace(model, inputs)
+    for budget in SPEED_BUDGETS:
+        plan = api.plan(traced, budget, 32)
+        assert_never_slower(plan)
+        for lp in plan.layers:  # a layer kept dense for speed says so
+            if lp.reason.startswith("dense: predicted "):
+                assert float(lp.reason.split()[2].rstrip("x")) <= 1.0
+
+
+def test_the_small_mixers_token_mixing_stays_dense_for_speed():
+    """examples/mixer.py at 0.3: token mixing (128x256) only fits 4/1/32, predicted 0.71x."""
+    s = ModelSchema(
+        "m",
+        [
+            Gemm("tok.fc1", LayerType.TOKEN_MIX, 256, 128, rows=2048),
+            Gemm("ch.fc1", LayerType.MLP, 256, 1024, rows=2048),
+        ],
+    )
+    plan = plan_schema(s, 0.3, 32)
+    assert plan["tok.fc1"].pattern is None
+    assert plan["tok.fc1"].reason == "dense: predicted 0.71x at best (calibrated-cpu)"
+    assert plan["ch.fc1"].sparse and plan.note == ""
+    # planning by FLOPs alone would take it
+    assert plan_schema(s, 0.3, 32, cost_model=FLOPS)["tok.fc1"].sparse
+
+
+def test_rank_by_benefit():
+    """Auto ranks: at most lowrank_share of the layer's predicted time (the why column says
+    how much), unless the budget needs more; a fixed rank is the policy's."""
+    s = ModelSchema("m", [mlp("fc1", 768, 3072, rows=1024), mlp("fc2", 3072, 768, rows=1024)])
+    for budget in SPEED_BUDGETS:
+        plan = plan_schema(s, budget, 32)
+        for lp in plan.sparse_layers:
+            share = rank_time_share(lp.gemm, lp.pattern, DEFAULT_COST_MODEL)
+            if lp.pattern.rank:
+                assert f"rank {lp.pattern.rank} = {share:.0%} of its time" in lp.reason
+            if "over lowrank_share" not in lp.reason:
+                assert share <= 0.15 + 1e-9
+    # where the low-rank term costs more than its FLOPs (CPU) it gets less than its density
+    # share; priced at its FLOPs it gets that share
+    g, spec = s.gemms[0], PatternSpec(12, 2, 64)
+    by_density = max_auto_rank(g, spec, 0.15, None)
+    assert max_auto_rank(g, spec, 0.15, DEFAULT_COST_MODEL) < by_density
+    assert max_auto_rank(g, spec, 0.15, FLOPS) == by_density
+    assert max_auto_rank(g, spec, 0.0, DEFAULT_COST_MODEL) == 0
+    fixed = plan_schema(s, 0.3, 32, Policy(rank=32))
+    assert fixed.sparse_layers
+    for lp in fixed.sparse_layers:
+        assert lp.pattern.rank == 32 and "rank 32 (policy)" in lp.reason
+
+
+def test_time_capped_ranks_are_lifted_only_to_meet_the_budget():
+    """Mixer-B/16's channel MLPs at 0.3: the only patterns between 0.25 and 0.375 are 12/2/64
+    plus rank; the time cap (rank 16) would reach 0.276 < 0.28, so the ranks go up to 24."""
+    s = ModelSchema.load(ROOT / "schemas" / "mixer-b16.yaml")
+    plan = plan_schema(s, 0.3, 32)
+    assert plan.note == ""
+    fc = plan["blocks.0.mlp_channels.fc1"]
+    assert fc.pattern.rank == 24
+    assert "over lowrank_share of time, to meet the budget" in fc.reason
+    low = plan_schema(s, 0.15, 32)["blocks.0.mlp_channels.fc1"]
+    assert "over lowrank_share" not in low.reason

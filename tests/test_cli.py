@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
+from pxcompile import cost_file
 from pxcompile.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -641,6 +642,54 @@ def test_masks_too_large_to_hold_are_refused(capsys, tmp_path):
                        tmp_path / "m.npz")  # fmt: skip
     assert_one_line_error(rc, err, "--masks-out", "blocks, more than 268,435,456")
     assert listing(tmp_path) == ["wide.yaml"]
+
+
+# -- cost models: calibrate, --cost-model FILE (issue #12.4) ---------------------------------
+def test_calibrate_quick_writes_a_cost_model_the_planner_reads(capsys, tmp_path):
+    cost = tmp_path / "cost.yaml"
+    rc, out, err = run(capsys, "calibrate", "--quick", "--shapes", "128x64", "--rows", "16",
+                       "--block", "8", "--repeats", "1", "--name", "tiny", "-o", cost)  # fmt: skip
+    assert rc == 0, err
+    assert "measured x" in out and "fitted: move" in out and "RMS log error" in out
+    model = cost_file.load(cost)
+    assert model.name == "tiny" and model.lowrank > 0
+    d = run_json(capsys, schema_path("gpt2-small"), "--budget", "0.3", "--cost-model", cost)
+    assert d["cost_model"] == "tiny" and d["summary"]["prediction_model"] == "tiny"
+    rc, out, _ = run(capsys, schema_path("gpt2-small"), "--budget", "0.3", "--cost-model", cost)
+    assert rc == 0 and "predicted GEMM speedup (tiny)" in out
+    js = tmp_path / "cost.json"
+    rc, out, _ = run(capsys, "calibrate", "--shapes", "128x64", "--rows", "16", "--block", "8",
+                     "--repeats", "1", "--json", "-o", js)  # fmt: skip
+    assert rc == 0 and json.loads(out)["kind"] == "calibrated"
+    assert cost_file.load(js).name.startswith("calibrated:")
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["calibrate", "--shapes", "12x"], "--shapes: expected OUTxIN"),
+        (["calibrate", "--shapes", "160x160", "--block", "32"], "no butterfly pattern fits"),
+        (["calibrate", "--rows", "0"], "--rows: each must be in"),
+        ([schema_path("gpt2-small"), "--budget", "0.3", "--cost-model", "nope"], "neither a cost"),
+    ],
+)
+def test_cost_model_errors_are_one_line(capsys, argv, needle):
+    rc, _, err = run(capsys, *argv)
+    assert_one_line_error(rc, err, needle)
+
+
+def test_bad_cost_model_file_is_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: calibrated\nmove: -1\nper_block: 1\nlowrank: 1\n")
+    rc, _, err = run(capsys, schema_path("gpt2-small"), "--budget", "0.3", "--cost-model", bad)
+    assert_one_line_error(rc, err, str(bad), "'move' must be in")
+
+
+def test_flops_blocks_plans_still_predict_with_the_calibrated_model(capsys):
+    d = run_json(capsys, schema_path("gpt2-small"), "--budget", "0.3", "--cost-model",
+                 "flops+blocks")  # fmt: skip
+    assert d["cost_model"] == "flops+blocks"
+    assert d["summary"]["prediction_model"] == "calibrated-cpu"
 
 
 # -- models built from their config, without weights (hf:, timm:, torchvision:) ---------------
