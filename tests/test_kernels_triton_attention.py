@@ -177,6 +177,21 @@ def test_dtypes(dtype, tol, triton_only):
 
 
 @interpreter_only
+def test_pattern_block_wider_than_a_tile(triton_only):
+    """A 128-token pattern block is two 64-token tiles (the causal triangle cuts the diagonal
+    block's upper tile pair at tile level, the element mask inside the diagonal tiles)."""
+    lay = attention_layout(512, 128, 1, 1)
+    assert not lay.is_full(True)
+    em = lay.element_mask(True)
+    q, k, v = _qkv(1, 1, 512, 16, 16, torch.float64, seed=8)
+    _compare(
+        lambda a, b, c: pixelfly_attention(a, b, c, lay, causal=True),
+        lambda a, b, c: masked_dense_attention(a, b, c, em),
+        q, k, v, 1e-10,
+    )  # fmt: skip
+
+
+@interpreter_only
 def test_model_masks(triton_only):
     """A per-head boolean mask; an additive float mask with a key padding mask, causal; rows
     that see no key at all give zeros and zero gradients, as on the CPU path."""
