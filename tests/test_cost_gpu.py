@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from pxcompile.passes.cost_gpu import GpuCost, pixelfly_tiles
 from pxcompile.patterns import AttentionSpec, PatternSpec
 from pxcompile.schema import Gemm, LayerType
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GPU = GpuCost()
 
@@ -134,3 +137,33 @@ def test_attention_prediction():
     assert by_seq == sorted(by_seq)  # fewer kept blocks as the sequence grows
     assert all(0 < s <= 1 / spec.density(n) for s, n in zip(by_seq, (2048, 4096, 8192, 16384)))
     assert 1.0 < GPU.attention_speedup(8192, spec, causal=True) < 1 / spec.density(8192, True)
+
+
+# -- the registry and the command line ------------------------------------------------------
+
+
+def test_registered_beside_the_other_models():
+    from pxcompile.passes.mapping import COST_MODELS, predicted_speedup
+
+    assert isinstance(COST_MODELS["gpu"], GpuCost)
+    g, spec = fc(4096, 1024), PatternSpec(32, 4, 32)
+    assert predicted_speedup(g, spec, COST_MODELS["gpu"]) == pytest.approx(speedup(g, spec))
+
+
+def test_cli_cost_model_gpu(tmp_path, capsys):
+    import json
+
+    from pxcompile.cli import main
+
+    schema = str(ROOT / "schemas" / "gpt2-small.yaml")
+    plan = tmp_path / "p.yaml"
+    assert main([schema, "--budget", "0.3", "--cost-model", "gpu", "--plan-out", str(plan)]) == 0
+    capsys.readouterr()
+    assert "cost_model: gpu" in plan.read_text()
+    assert main([schema, "--budget", "0.3", "--cost-model", "gpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cost_model"] == "gpu"
+    assert report["summary"]["eligible_fraction"] <= 0.3 + 0.02
+    sparse = [lp for lp in report["layers"] if lp["action"] == "sparse"]
+    assert len(sparse) >= 48  # every MLP and projection of the 12 layers
+    assert all(lp["predicted_speedup"] > 1 for lp in sparse)  # never slower than dense

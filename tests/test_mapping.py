@@ -213,7 +213,7 @@ def test_calibrated_cost_and_predicted_speedup():
     assert 1.5 < predicted_speedup(g, sparse) < 1 / sparse.block_density
     cm = CalibratedCost()
     assert cm.sparse_cost(g, PatternSpec(24, 2, 32)) < cm.sparse_cost(g, sparse)
-    assert set(COST_MODELS) == {"flops+blocks", "calibrated-cpu"}
+    assert set(COST_MODELS) == {"flops+blocks", "calibrated-cpu", "gpu"}
 
 
 def test_calibrated_cost_reproduces_the_layer_benchmark():

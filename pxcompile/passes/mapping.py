@@ -25,6 +25,7 @@ from typing import Protocol
 from ..patterns import MAX_PAD_RATIO, AttentionSpec, PatternSpec
 from ..policy import Policy, Resolved
 from ..schema import Gemm
+from .cost_gpu import GpuCost
 
 # Choices whose densities differ by less than this (relative) count as "nearly equal".
 NEAR_EQUAL = 0.02
@@ -110,7 +111,11 @@ ATTENTION_OVERHEAD: float = 2.2
 # Planning and the reports' predicted speedups use the calibrated CPU model (fitted to this
 # project's measurements); ``--cost-model flops+blocks`` plans by FLOPs and blocks alone.
 DEFAULT_COST_MODEL: CostModel = CalibratedCost()
-COST_MODELS: dict[str, CostModel] = {m.name: m for m in (FlopsBlockCost(), CalibratedCost())}
+# ``--cost-model gpu``: a tile roofline of the Triton kernel vs cuBLAS (cost_gpu.py; H100-class
+# defaults, a prediction until measured on a GPU).
+COST_MODELS: dict[str, CostModel] = {
+    m.name: m for m in (FlopsBlockCost(), CalibratedCost(), GpuCost())
+}
 
 
 def predicted_speedup(
