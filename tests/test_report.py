@@ -223,3 +223,26 @@ def test_attention_rows_share_and_pictures():
     assert report.draw_png_bytes(p).startswith(b"\x89PNG")
     dense = plan_schema(s, 0.3, 32, Policy(attention_min_seq=8192))
     assert "keeps 1.0000 of it (dense)" in render(dense)
+
+
+def test_padded_layers_say_how_they_are_padded():
+    """Issue #12.3: the table's why column and the JSON say 'padded ...'; the masks (file and
+    picture) are those of the padded weight."""
+    from pxcompile.passes.mapping import FlopsBlockCost
+
+    s = ModelSchema("mix", [Gemm("tok", LayerType.TOKEN_MIX, 196, 384, rows=6144, bias=True)])
+    p = plan_schema(s, 0.4, 32, cost_model=FlopsBlockCost())
+    lp = p["tok"]
+    assert lp.pattern.padded and lp.padding.startswith("padded ")
+    row = next(line for line in render(p).splitlines() if line.startswith("│ tok"))
+    assert lp.padding in row and f"{lp.density:.4f}" in row
+    d = report.plan_json(p)["layers"][0]
+    assert d["padding"] == lp.padding and d["density"] == lp.density
+    assert d["pattern"] == lp.pattern.to_dict() and d["sparse_flops"] == lp.flops
+    po, pi = lp.pattern.sides(384, 196)
+    with np.load(io.BytesIO(report.masks_npz_bytes(p))) as z:
+        assert z["tok"].shape == (po // 32, pi // 32)
+    dense = report.plan_json(plan_schema(toy(), 0.3, 32))["layers"]
+    assert not any("padding" in r for r in dense)
+    pytest.importorskip("matplotlib")  # last: the picture of a padded mask draws
+    assert report.draw_png_bytes(p)[:8] == b"\x89PNG\r\n\x1a\n"
