@@ -94,3 +94,14 @@ def test_interpreter_set_after_triton_import_is_an_error():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
     )
     assert "PXERROR TRITON_INTERPRET=1 was set after triton was imported" in r.stdout, r.stderr
+
+
+def test_errors_stay_one_line_under_torch_compile(monkeypatch):
+    """The choice is a constant to dynamo: a bad setting is the same PxError, not an internal
+    dynamo error around it."""
+    monkeypatch.setenv(kernels.ENV, "bogus")
+    layer = PixelflyLinear(64, 128, PatternSpec(4, 2, 16, 0))
+    with pytest.raises(PxError) as err:
+        torch.compile(layer, backend="eager")(torch.randn(3, 64))
+    assert str(err.value) == "PXCOMPILE_KERNELS='bogus' is not one of auto, torch, triton"
+    torch._dynamo.reset()

@@ -99,6 +99,15 @@ def interpreting() -> bool:
 
 @torch.compiler.assume_constant_result
 def _choose(op: str, device_type: str) -> str:
+    """``"torch"``, ``"triton"`` or ``"error: <message>"``: a constant to ``torch.compile``
+    (called once while tracing, so the error is raised by :func:`select`, not inside dynamo)."""
+    try:
+        return _decide(op, device_type)
+    except PxError as e:
+        return f"error: {e}"
+
+
+def _decide(op: str, device_type: str) -> str:
     value = setting()
     if value == "torch":
         return "torch"
@@ -123,4 +132,7 @@ def select(op: str, x: Tensor) -> str:
     """Which kernel runs ``op`` (a key of :data:`TRITON_KERNELS`, e.g. ``"linear"``) on ``x``'s
     device now: ``"torch"`` or ``"triton"`` (see the module doc). A bad ``PXCOMPILE_KERNELS``,
     or ``triton`` where Triton cannot run, is a one-line :class:`PxError`."""
-    return _choose(op, x.device.type)
+    choice = _choose(op, x.device.type)
+    if choice.startswith("error: "):
+        raise PxError(choice[len("error: ") :])
+    return choice
