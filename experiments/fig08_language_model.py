@@ -130,10 +130,41 @@ def build_variant(variant: str, cfg: dict, seed: int, narrow_width: int) -> torc
 def main(argv: list[str] | None = None) -> int:
     ap = common.parser(__doc__.split("\n")[0], "fig08_language_model")
     ap.add_argument("--json", action="store_true", help="also write every run as JSON")
+    ap.add_argument("--seed-list", help="comma-separated seeds to run (default: the mode's)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variants")
+    ap.add_argument("--no-speed", action="store_true", help="skip the side-by-side timing")
+    ap.add_argument("--no-train", action="store_true", help="only the side-by-side timing")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="write the results from the JSON files of partial runs (--json with --seed-list / "
+        "--variants / --no-train, run in parallel processes)",
+    )
     args = ap.parse_args(argv)
+    stem = "fig08_language_model"
+    if args.merge:
+        torch.set_num_threads(args.threads)
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        res = parts[0]
+        for p in parts[1:]:
+            res["runs"] += p["runs"]
+            res["speed"] = res["speed"] or p["speed"]
+            res["speed_load"] = res["speed_load"] or p["speed_load"]
+            res["wall_s"] = max(res["wall_s"], p["wall_s"])
+            res["load_end"] = p["load_end"]
+        res["command"] = "; ".join(p["command"] for p in parts) + "; then " + common.command_line()
+        res["config"]["seeds"] = sorted({r["seed"] for r in res["runs"]})
+        out = Path(args.out)
+        write(out, stem, res)
+        print((out / f"{stem}.md").read_text())
+        return 0
     cfg = dict(QUICK if args.quick else FULL)
     if args.seeds:
         cfg["seeds"] = tuple(range(args.seeds))
+    if args.seed_list:
+        cfg["seeds"] = tuple(int(s) for s in args.seed_list.split(","))
+    variants = tuple(args.variants.split(","))
     out = common.setup(args)
     t0 = time.perf_counter()
     load_start = load_average()
@@ -160,13 +191,46 @@ def main(argv: list[str] | None = None) -> int:
     }
     models = {v: build_variant(v, cfg, 0, narrow_width) for v in VARIANTS}
     params = {v: common.n_params(m) for v, m in models.items()}
-    speed_load = load_average()
-    speed = common.speed_ratios(task, models, cfg["speed_rounds"])
-    common.log("speed vs dense: " + ", ".join(f"{v} {s['speedup']:.2f}x" for v, s in speed.items()))
+    speed_load, speed = "", {}
+    if not args.no_speed:
+        speed_load = load_average()
+        speed = common.speed_ratios(task, models, cfg["speed_rounds"])
+        common.log(
+            "speed vs dense: " + ", ".join(f"{v} {s['speedup']:.2f}x" for v, s in speed.items())
+        )
     del models, pf
-    runs = []
+    tag = "_".join(variants) + "_s" + "_".join(map(str, cfg["seeds"]))
+    runs: list[dict] = []
+
+    def result() -> dict:
+        return {
+            "command": common.command_line(),
+            "config": {k: (v.describe() if k == "core" else v) for k, v in cfg.items()},
+            "info": info,
+            "params": params,
+            "speed": speed,
+            "speed_load": speed_load,
+            "runs": runs,
+            "data": data["files"],
+            "load_start": load_start,
+            "load_end": load_average(),
+            "wall_s": time.perf_counter() - t0,
+            "kept": {
+                m: kept_fraction(m, make_core(m, cfg["core"]), cfg["context"], True)
+                for m in ("pixelfly", "bigbird")
+            },
+        }
+
+    def save() -> None:
+        if args.json or args.no_train or args.seed_list or args.variants != ",".join(VARIANTS):
+            name = f"{stem}_{'speed' if args.no_train else tag}.json"
+            (out / name).write_text(json.dumps(result(), indent=1, default=str) + "\n")
+
+    if args.no_train:
+        save()
+        return 0
     for seed in cfg["seeds"]:
-        for v in VARIANTS:
+        for v in variants:
             model = build_variant(v, cfg, seed, narrow_width)
             r = common.train(
                 task, model, cfg["steps"], cfg["lr"], seed, evals=cfg["evals"], label=f"{v} s{seed}"
@@ -177,30 +241,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"{v} seed {seed}: val loss {r['metric']:.3f} ({r['train_s']:.0f}s, load "
                 f"{load_average()})"
             )
-    res = {
-        "config": {k: (v.describe() if k == "core" else v) for k, v in cfg.items()},
-        "info": info,
-        "params": params,
-        "speed": speed,
-        "speed_load": speed_load,
-        "runs": runs,
-        "data": data["files"],
-        "load_start": load_start,
-        "load_end": load_average(),
-        "wall_s": time.perf_counter() - t0,
-        "kept": {
-            "pixelfly": kept_fraction(
-                "pixelfly", make_core("pixelfly", cfg["core"]), cfg["context"], True
-            ),
-            "bigbird": kept_fraction(
-                "bigbird", make_core("bigbird", cfg["core"]), cfg["context"], True
-            ),
-        },
-    }
-    stem = "fig08_language_model"
+            save()
+    if set(variants) != set(VARIANTS) or not speed:
+        return 0
+    res = result()
     write(out, stem, res)
-    if args.json:
-        (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     print((out / f"{stem}.md").read_text())
     return 0
 
@@ -238,8 +283,9 @@ def write(out: Path, stem: str, res: dict) -> None:
         f"Model: 2-layer GPT, width {cfg['width']}, {cfg['heads']} heads, MLP {4 * cfg['width']}, "
         f"context {cfg['context']}; {cfg['steps']} AdamW steps of batch {cfg['batch']} (lr "
         f"{cfg['lr']}, warm-up + cosine), the same batches for every variant; validation loss "
-        f"over {cfg['val_batches'] * cfg['batch']} windows of the held-out 10%. Two seeds (not "
-        "three): each run is minutes of a shared 2-core machine. Pixelfly: layers "
+        f"over {cfg['val_batches'] * cfg['batch']} windows of the held-out 10%. "
+        f"{len(cfg['seeds'])} seed(s), not 3: each run is many minutes of a shared, "
+        "oversubscribed 2-core machine. Pixelfly: layers "
         f"{', '.join(res['info']['sparse_layers'])} sparse (budget {cfg['budget']}, block "
         f"{cfg['block']}, achieved {res['info']['achieved_budget']:.3f} of the eligible FLOPs, "
         f"init scratch) + Pixelfly attention. Narrower dense: width "
@@ -263,6 +309,7 @@ def write(out: Path, stem: str, res: dict) -> None:
         f"interleaved, {cfg['speed_rounds']} rounds after warm-up, medians (load "
         f'{res["speed_load"]}). "no difference measured": means within one std.',
         "\n".join(f"- {s}" for s in pv),
+        f"Runs: `{res['command']}`",
     ]
     common.write_md(
         out / f"{stem}.md",

@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--tasks", default="listops,text", help="comma-separated: listops,text")
     ap.add_argument("--json", action="store_true", help="also write every run as JSON")
+    ap.add_argument("--seed-list", help="comma-separated seeds to run (default: the mode's)")
+    ap.add_argument("--no-speed", action="store_true", help="skip the side-by-side timing")
     ap.add_argument(
         "--merge",
         nargs="+",
@@ -259,15 +261,19 @@ def main(argv: list[str] | None = None) -> int:
         res = parts[0]
         for p in parts[1:]:
             res["runs"] += p["runs"]
-            res["speed"].update(p["speed"])
+            for k, v in p["speed"].items():
+                res["speed"].setdefault(k, v)
             res["seq"].update(p["seq"])
             res["wall_s"] = max(res["wall_s"], p["wall_s"])
             res["load_end"] = p["load_end"]
             res["speed_load"] += f"; {p['speed_load']}"
-        res["command"] += " (tasks run in parallel processes, then --merge)"
+        res["command"] = "; ".join(p["command"] for p in parts) + "; then merged"
+        res["config"]["seeds"] = sorted({r["seed"] for r in res["runs"]})
         finish(res, Path(args.out))
         return 0
     cfg = dict(QUICK if args.quick else FULL)
+    if args.seed_list:
+        cfg["seeds"] = tuple(int(s) for s in args.seed_list.split(","))
     torch.set_num_threads(args.threads)
 
     def log(msg: str) -> None:
@@ -291,11 +297,14 @@ def main(argv: list[str] | None = None) -> int:
         tcfg.eval_every = cfg["eval_every"]
         task = makers[name](cfg, batch)
         res["seq"][name] = task.model.context
-        res["speed"][name] = speed_methods(task, METHODS, cfg["core"], batch, cfg["speed_rounds"])
-        log(
-            f"{name} speed vs dense: "
-            + ", ".join(f"{m} {v['ratio']:.2f}x" for m, v in res["speed"][name].items())
-        )
+        if not args.no_speed:
+            res["speed"][name] = speed_methods(
+                task, METHODS, cfg["core"], batch, cfg["speed_rounds"]
+            )
+            log(
+                f"{name} speed vs dense: "
+                + ", ".join(f"{m} {v['ratio']:.2f}x" for m, v in res["speed"][name].items())
+            )
         res["runs"] += train_methods(task, METHODS, cfg["seeds"], tcfg, cfg["core"], log)
     res["load_end"] = load_average()
     res["wall_s"] = time.perf_counter() - t0
@@ -303,9 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.json:
-        (out / f"fig09_lra_{'_'.join(res['seq'])}.json").write_text(
-            json.dumps(res, indent=1, default=str) + "\n"
-        )
+        tag = "_".join(res["seq"]) + "_s" + "_".join(map(str, cfg["seeds"]))
+        (out / f"fig09_lra_{tag}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
     if set(res["seq"]) == {"listops", "text"}:
         finish(res, out)
     return 0
