@@ -97,6 +97,25 @@ def test_hf_config_on_meta_traces_like_the_model_with_weights(tmp_path, arch):
     assert_same_trace(real, meta)
 
 
+def test_hf_vision_config_gets_an_image(tmp_path):
+    cfg = {
+        "architectures": ["ViTForImageClassification"],
+        "model_type": "vit",
+        "hidden_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "intermediate_size": 128,
+        "image_size": 32,
+        "patch_size": 8,
+    }
+    model, inputs = build_model(f"hf:{write_config(tmp_path / 'vit', cfg)},batch=2")
+    assert tuple(inputs["pixel_values"].shape) == (2, 3, 32, 32)
+    meta = api.trace(model, inputs)
+    torch.manual_seed(0)
+    real = transformers.ViTForImageClassification(transformers.AutoConfig.for_model(**cfg))
+    assert_same_trace(api.trace(real.eval(), to_cpu(inputs)), meta)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "spec, build",
