@@ -200,10 +200,11 @@ def _guard(fn) -> int:
 
 
 def _cost_model(args: argparse.Namespace):
-    """``--cost-model NAME|FILE``; the default is calibrated-cpu."""
+    """``--cost-model NAME|FILE``, or None: the policy's ``cost_model``, else calibrated-cpu."""
     from .cost_file import resolve
 
-    return resolve(getattr(args, "cost_model", None))
+    spec = getattr(args, "cost_model", None)
+    return resolve(spec) if spec else None
 
 
 def _policy(args: argparse.Namespace):

@@ -26,6 +26,10 @@ A :class:`Policy` is plain data (YAML-friendly) with documented defaults:
   when no pattern fits the layer's own sides (196 tokens -> 224, say), where the cost model
   predicts the padded layer faster than dense; ``never`` keeps such layers dense. Name rules
   may set ``pad`` for the GEMMs they match.
+* ``cost_model``: how the mapping pass prices patterns: ``calibrated-cpu`` (the default),
+  ``flops+blocks``, another registered name, or a cost-model file written by
+  ``pxcompile calibrate -o FILE`` (a relative path is relative to the policy file).
+  ``--cost-model`` overrides it.
 """
 
 from __future__ import annotations
@@ -113,6 +117,7 @@ class Policy:
     attention_block: int = 64
     attention_globals: int = 1
     pad: str = "auto"  # "auto": pad where a padded pattern is predicted faster; "never"
+    cost_model: str | None = None  # a cost model's name or file; None: calibrated-cpu
 
     def __post_init__(self) -> None:
         for t, r in self.types.items():
@@ -167,6 +172,11 @@ class Policy:
             )
         if self.pad not in PAD_MODES:
             raise PolicyError(f"policy: 'pad' must be auto or never, got {self.pad!r}")
+        cm = self.cost_model
+        if cm is not None and (not isinstance(cm, str) or not cm or not cm.isprintable()):
+            raise PolicyError(
+                f"policy: 'cost_model' must be a cost model's name or a file, got {cm!r}"
+            )
 
     # -- resolution -----------------------------------------------------------------------
     def resolve(self, gemm: Gemm, block: int) -> Resolved:
@@ -229,6 +239,7 @@ class Policy:
             "attention_block": self.attention_block,
             "attention_globals": self.attention_globals,
             "pad": self.pad,
+            **({"cost_model": self.cost_model} if self.cost_model else {}),
         }
 
     @classmethod
@@ -290,6 +301,11 @@ class Policy:
                 kw[k] = _num(data[k], f"{source}: {k}")
         if "pad" in data:
             kw["pad"] = _pad(data["pad"], f"{source}: pad")
+        if "cost_model" in data:
+            cm = data["cost_model"]
+            if cm is not None and not isinstance(cm, str):
+                raise PolicyError(f"{source}: cost_model: expected a name or a file, got {cm!r}")
+            kw["cost_model"] = cm
         if "rank" in data:
             kw["rank"] = (
                 None if data["rank"] in ("auto", None) else _int(data["rank"], f"{source}: rank")
@@ -311,7 +327,11 @@ class Policy:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise PolicyError(f"{path}: invalid YAML ({getattr(e, 'problem', e)})") from None
-        return cls.from_dict(data, str(path), base)
+        pol = cls.from_dict(data, str(path), base)
+        cm = data.get("cost_model") if isinstance(data, dict) else None
+        if cm and not Path(cm).is_absolute() and (Path(path).parent / cm).is_file():
+            pol = replace(pol, cost_model=str(Path(path).parent / cm))  # beside the policy
+        return pol
 
     def with_overrides(self, assignments: list[str]) -> Policy:
         """Apply ``key=value`` overrides, e.g. ``types.attn_proj.eligible=false``,

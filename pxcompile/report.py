@@ -23,10 +23,24 @@ def prediction_model(plan: Plan, cost_model: CostModel | None = None) -> CostMod
     """The cost model that predicts speedups in reports: ``cost_model`` (the one planning
     used, e.g. a calibrated file), else the plan's if it is registered, else calibrated-cpu;
     never flops+blocks, which ranks patterns but does not predict time."""
-    for m in (cost_model, COST_MODELS.get(plan.cost_model)):
+    for m in (cost_model, COST_MODELS.get(plan.cost_model), _policy_cost_model(plan)):
         if m is not None and not isinstance(m, FlopsBlockCost):
             return m
     return COST_MODELS["calibrated-cpu"]
+
+
+def _policy_cost_model(plan: Plan) -> CostModel | None:
+    """The cost-model file the plan's policy named, if it still loads."""
+    from .cost_file import CostModelError, resolve
+
+    spec = plan.policy.get("cost_model") if isinstance(plan.policy, dict) else None
+    if not isinstance(spec, str) or not spec:
+        return None
+    try:
+        m = resolve(spec, "policy cost_model")
+    except CostModelError:
+        return None
+    return m if m.name == plan.cost_model else None
 
 
 def plan_table(

@@ -685,6 +685,19 @@ def test_bad_cost_model_file_is_one_line(capsys, tmp_path):
     assert_one_line_error(rc, err, str(bad), "'move' must be in")
 
 
+def test_policy_cost_model_file_plans_and_predicts(capsys, tmp_path):
+    (tmp_path / "cost.yaml").write_text(
+        "kind: calibrated\nname: box\nmove: 100\nper_block: 200\nlowrank: 3\n"
+    )
+    (tmp_path / "policy.yaml").write_text("cost_model: cost.yaml\n")
+    pol = tmp_path / "policy.yaml"
+    d = run_json(capsys, schema_path("gpt2-small"), "--budget", "0.3", "--policy", pol)
+    assert d["cost_model"] == "box" and d["summary"]["prediction_model"] == "box"
+    d = run_json(capsys, schema_path("gpt2-small"), "--budget", "0.3", "--policy", pol,
+                 "--cost-model", "calibrated-cpu")  # fmt: skip
+    assert d["cost_model"] == "calibrated-cpu"
+
+
 def test_flops_blocks_plans_still_predict_with_the_calibrated_model(capsys):
     d = run_json(capsys, schema_path("gpt2-small"), "--budget", "0.3", "--cost-model",
                  "flops+blocks")  # fmt: skip

@@ -329,3 +329,42 @@ def test_pad_setting_round_trips_validates_and_rules_override_it():
         Policy(pad="maybe")
     with pytest.raises(PolicyError, match=r"rules\[0\] \(a\).pad must be auto or never"):
         Policy(rules=(NameRule("a", pad="x"),))
+
+
+# -- cost_model (issue #12.4) -----------------------------------------------------------------
+COST = "kind: calibrated\nname: box\nmove: 100\nper_block: 200\nlowrank: 3\n"
+
+
+def test_cost_model_key(tmp_path):
+    assert Policy().cost_model is None and "cost_model" not in Policy().to_dict()
+    p = Policy.from_dict({"cost_model": "flops+blocks"})
+    assert p.cost_model == "flops+blocks" and p.to_dict()["cost_model"] == "flops+blocks"
+    assert Policy.from_dict(p.to_dict()) == p
+    assert Policy().with_overrides(["cost_model=flops+blocks"]).cost_model == "flops+blocks"
+    # a relative file is found beside the policy file
+    (tmp_path / "cost.yaml").write_text(COST)
+    (tmp_path / "policy.yaml").write_text("cost_model: cost.yaml\n")
+    assert Policy.load(tmp_path / "policy.yaml").cost_model == str(tmp_path / "cost.yaml")
+
+
+@pytest.mark.parametrize("value", [3, ["a"], ""])
+def test_bad_cost_model_values(value):
+    with pytest.raises(PolicyError, match="cost_model"):
+        Policy.from_dict({"cost_model": value})
+
+
+def test_planning_uses_the_policys_cost_model(tmp_path):
+    from pxcompile.cost_file import CostModelError
+    from pxcompile.passes.budget import plan_schema
+    from pxcompile.passes.mapping import COST_MODELS
+    from pxcompile.schema import ModelSchema
+
+    (tmp_path / "cost.yaml").write_text(COST)
+    s = ModelSchema("m", [Gemm("fc", LayerType.MLP, 768, 3072, rows=64)])
+    plan = plan_schema(s, 0.3, 32, Policy(cost_model=str(tmp_path / "cost.yaml")))
+    assert plan.cost_model == "box"
+    # an explicit cost model (--cost-model) wins over the policy's
+    explicit = plan_schema(s, 0.3, 32, Policy(cost_model="box.yaml"), COST_MODELS["flops+blocks"])
+    assert explicit.cost_model == "flops+blocks"
+    with pytest.raises(CostModelError, match="^policy cost_model nope.yaml: neither"):
+        plan_schema(s, 0.3, 32, Policy(cost_model="nope.yaml"))

@@ -81,6 +81,10 @@ def plan_schema(
     """
     check_args(budget, block)
     policy = policy or Policy()
+    if cost_model is None and policy.cost_model:
+        from ..cost_file import resolve
+
+        cost_model = resolve(policy.cost_model, "policy cost_model")
     cost_model = cost_model or DEFAULT_COST_MODEL
     fits = [min(g.in_features, g.out_features) for g in schema.weight_gemms or schema.gemms]
     if block > max(fits):
