@@ -291,3 +291,15 @@ def test_cuda_matches_masked_dense(fin, fout, spec, rows, dtype, monkeypatch):
     tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
     torch.manual_seed(0)
     _check(PixelflyLinear(fin, fout, spec), rows, dtype, tol, monkeypatch, device="cuda")
+
+
+@interpreter_only
+def test_opcheck():
+    """The custom op's registration (schema, fake tensor, autograd, aot dispatch) is sound."""
+    from pxcompile.kernels.triton import linear as TL
+
+    torch.manual_seed(0)
+    layer = PixelflyLinear(64, 128, PatternSpec(4, 2, 16, 4))
+    x = torch.randn(10, 64, requires_grad=True)
+    args = (x, layer.blocks, layer.lowrank_u, layer.lowrank_v, layer.bias, layer.cell_index, True)
+    torch.library.opcheck(TL.linear_op, args)
