@@ -16,13 +16,12 @@ Everything here runs offline and on CPU:
   upsampled, cut into square patches), :class:`CharGPT` for text. All take a ``width``; the
   MLP widths follow it, so :func:`narrower` can solve for the width of a dense model with the
   parameter count of a sparsified one (the **narrower dense baseline**).
-* **training**: :func:`train` (AdamW, linear warm-up then cosine decay, clipping 1.0; the same
-  for every method), :func:`speed_ratios` (training steps of several models interleaved: the
-  median per-round time ratio against dense, robust to a shared machine).
-* **results**: :func:`mean_std`, :func:`compare` ("no difference measured" when the means are
-  within one standard deviation), :func:`write_md` and :func:`plot` (matplotlib, Agg).
-
-Experiments use one torch thread by default (:func:`setup`): the machine is shared.
+* **training**: :func:`train` (AdamW, warm-up then cosine decay, clipping 1.0: the same for
+  every method), :func:`speed_ratios` (training steps of several models interleaved: median
+  per-round time ratio against dense), :func:`run_jobs` (runs in parallel processes).
+* **results**: :func:`compare` ("no difference measured" when the means are within one
+  standard deviation), :func:`write_md`, :func:`plot` (matplotlib, Agg). One torch thread by
+  default (:func:`setup`): the machine is shared.
 """
 
 from __future__ import annotations
@@ -59,6 +58,7 @@ def parser(doc: str, out: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default=str(ROOT / "experiments" / "results"), help="output folder")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: mode's)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--jobs", type=int, default=1, help="processes (seeds run in parallel)")
     p.set_defaults(name=out)
     return p
 
@@ -73,6 +73,25 @@ def setup(args: argparse.Namespace) -> Path:
     return out
 
 
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_jobs(fn: Callable, jobs: list[tuple], workers: int = 1) -> list:
+    """``[fn(*a) for a in jobs]``, in ``workers`` processes (spawned, one torch thread each)
+    when ``workers > 1``; ``fn`` must be a module-level function of the script."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*a) for a in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = mp.get_context("spawn")
+    n = min(workers, len(jobs))
+    init = (torch.get_num_threads(),)
+    with ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init, initargs=init) as ex:
+        return list(ex.map(fn, *zip(*jobs)))
+
+
 def command_line() -> str:
     """The command that ran this process, with the script path relative to the repository."""
     argv = list(sys.argv)
@@ -84,7 +103,7 @@ def command_line() -> str:
 
 
 def machine() -> str:
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = os.getloadavg()[0]
     return (
         f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), "
         f"Python {platform.python_version()}, torch {torch.__version__}, load {load:.2f}"
@@ -287,6 +306,27 @@ def build(kind: str, seed: int, **cfg) -> nn.Module:
 def n_params(model: nn.Module) -> int:
     """Trainable parameters, shared ones once (a PixelflyLinear stores only its kept blocks)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def sparsify(model: nn.Module, budget: float, block: int, x, init: str = "auto") -> nn.Module:
+    """``pxcompile.sparsify`` with the plan made by FLOPs and blocks (the default CPU-calibrated
+    planner keeps layers dense where it predicts them slower than dense, which at these
+    widths is most of them; here the question is what sparsity costs in accuracy)."""
+    import pxcompile
+    from pxcompile.passes.mapping import COST_MODELS
+
+    ex = (x,)
+    cm = COST_MODELS["flops+blocks"]
+    plan = pxcompile.plan(model, budget, block=block, example_inputs=ex, cost_model=cm)
+    return pxcompile.sparsify(model, plan=plan, example_inputs=ex, init=init)
+
+
+def set_path(model: nn.Module, path: str | None) -> nn.Module:
+    """Force every PixelflyLinear's execution path (``"eager"``: no torch.compile)."""
+    for m in model.modules():
+        if type(m).__name__ == "PixelflyLinear":
+            m.path = path
+    return model
 
 
 def flops(model: nn.Module, x: torch.Tensor) -> int:
