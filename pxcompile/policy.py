@@ -26,6 +26,9 @@ A :class:`Policy` is plain data (YAML-friendly) with documented defaults:
   when no pattern fits the layer's own sides (196 tokens -> 224, say), where the cost model
   predicts the padded layer faster than dense; ``never`` keeps such layers dense. Name rules
   may set ``pad`` for the GEMMs they match.
+* ``min_speedup``: a pattern is chosen only where the cost model predicts it more than this
+  many times faster than dense (default 1: never slower than dense; 0: plan by density alone,
+  e.g. to study accuracy on models too small to be faster).
 * ``cost_model``: how the mapping pass prices patterns: ``calibrated-cpu`` (the default),
   ``flops+blocks``, another registered name, or a cost-model file written by
   ``pxcompile calibrate -o FILE`` (a relative path is relative to the policy file).
@@ -118,6 +121,7 @@ class Policy:
     attention_globals: int = 1
     pad: str = "auto"  # "auto": pad where a padded pattern is predicted faster; "never"
     cost_model: str | None = None  # a cost model's name or file; None: calibrated-cpu
+    min_speedup: float | None = None  # None: mapping.MIN_SPEEDUP (1.0, never slower than dense)
 
     def __post_init__(self) -> None:
         for t, r in self.types.items():
@@ -172,6 +176,8 @@ class Policy:
             )
         if self.pad not in PAD_MODES:
             raise PolicyError(f"policy: 'pad' must be auto or never, got {self.pad!r}")
+        if self.min_speedup is not None and not 0 <= self.min_speedup <= 100:
+            raise PolicyError(f"policy: 'min_speedup' must be in [0, 100], got {self.min_speedup}")
         cm = self.cost_model
         if cm is not None and (not isinstance(cm, str) or not cm or not cm.isprintable()):
             raise PolicyError(
@@ -240,6 +246,7 @@ class Policy:
             "attention_globals": self.attention_globals,
             "pad": self.pad,
             **({"cost_model": self.cost_model} if self.cost_model else {}),
+            **({"min_speedup": self.min_speedup} if self.min_speedup is not None else {}),
         }
 
     @classmethod
@@ -296,7 +303,7 @@ class Policy:
         ):
             if k in data:
                 kw[k] = _int(data[k], f"{source}: {k}")
-        for k in ("size_exponent", "lowrank_share"):
+        for k in ("size_exponent", "lowrank_share", "min_speedup"):
             if k in data:
                 kw[k] = _num(data[k], f"{source}: {k}")
         if "pad" in data:

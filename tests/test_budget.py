@@ -604,6 +604,23 @@ def test_the_small_mixers_token_mixing_stays_dense_for_speed():
     assert plan_schema(s, 0.3, 32, cost_model=FLOPS)["tok.fc1"].sparse
 
 
+def test_min_speedup_policy():
+    s = ModelSchema(
+        "m",
+        [
+            Gemm("tok.fc1", LayerType.TOKEN_MIX, 256, 128, rows=2048),
+            Gemm("ch.fc1", LayerType.MLP, 768, 3072, rows=2048),
+        ],
+    )
+    # 0: plan by density alone (the 0.71x pattern is taken)
+    assert plan_schema(s, 0.3, 32, Policy(min_speedup=0))["tok.fc1"].sparse
+    # 2: only patterns predicted more than 2x faster
+    plan = plan_schema(s, 0.3, 32, Policy(min_speedup=2.0))
+    for lp in plan.sparse_layers:
+        assert predicted_speedup(lp.gemm, lp.pattern) > 2.0
+    assert plan_schema(s, 0.3, 32, Policy(min_speedup=100))["ch.fc1"].pattern is None
+
+
 def test_rank_by_benefit():
     """Auto ranks: at most lowrank_share of the layer's predicted time (the why column says
     how much), unless the budget needs more; a fixed rank is the policy's."""

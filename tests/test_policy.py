@@ -347,6 +347,16 @@ def test_cost_model_key(tmp_path):
     assert Policy.load(tmp_path / "policy.yaml").cost_model == str(tmp_path / "cost.yaml")
 
 
+def test_min_speedup_key():
+    assert Policy().min_speedup is None and "min_speedup" not in Policy().to_dict()
+    p = Policy.from_dict({"min_speedup": 0})
+    assert p.min_speedup == 0 and Policy.from_dict(p.to_dict()) == p
+    assert Policy().with_overrides(["min_speedup=1.5"]).min_speedup == 1.5
+    for bad, msg in ((-1, "must be in \\[0, 100\\]"), ("x", "expected a number")):
+        with pytest.raises(PolicyError, match=msg):
+            Policy.from_dict({"min_speedup": bad})
+
+
 @pytest.mark.parametrize("value", [3, ["a"], ""])
 def test_bad_cost_model_values(value):
     with pytest.raises(PolicyError, match="cost_model"):

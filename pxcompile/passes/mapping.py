@@ -30,9 +30,15 @@ from .cost_gpu import GpuCost
 # Choices whose densities differ by less than this (relative) count as "nearly equal".
 NEAR_EQUAL = 0.02
 # The budget pass never chooses a pattern its cost model predicts at this speedup over dense
-# or below (``menu(faster_only=True)``): 1.0 = never slower than dense. The test suite sets 0
-# for its tiny models (tests/conftest.py), which no real cost model predicts faster.
+# or below (``menu(faster_only=True)``): 1.0 = never slower than dense. The policy's
+# ``min_speedup`` overrides it; the test suite sets 0 for its tiny models (tests/conftest.py),
+# which no real cost model predicts faster.
 MIN_SPEEDUP: float = 1.0
+
+
+def min_speedup(policy: Policy) -> float:
+    """The speedup over dense a chosen pattern must beat: the policy's, else MIN_SPEEDUP."""
+    return MIN_SPEEDUP if policy.min_speedup is None else policy.min_speedup
 
 
 class CostModel(Protocol):
@@ -294,9 +300,11 @@ def menu(
     if not gemm.has_weight:
         opts = attention_menu(gemm, policy, resolved)
         if faster_only:
-            opts = [c for c in opts if predicted_speedup(gemm, c.spec, cost_model) > MIN_SPEEDUP]
+            least = min_speedup(policy)
+            opts = [c for c in opts if predicted_speedup(gemm, c.spec, cost_model) > least]
         return opts
     dense_cost = cost_model.dense_cost(gemm)
+    least = min_speedup(policy)
     o, i = gemm.out_features, gemm.in_features
     choices: dict[float, Choice] = {}
     for base in patterns(
@@ -312,7 +320,7 @@ def menu(
             if d >= 1.0 or not resolved.floor - 1e-12 <= d <= resolved.ceiling + 1e-12:
                 continue
             c = Choice(spec, d, cost_model.sparse_cost(gemm, spec))
-            if faster_only and not dense_cost > MIN_SPEEDUP * c.cost:
+            if faster_only and not dense_cost > least * c.cost:
                 continue  # predicted slower than dense: never chosen
             key = round(d, 12)
             old = choices.get(key)
@@ -446,7 +454,7 @@ def padded_choices(
                     continue  # a rank above the real narrow side
                 d = spec.density(i, o)
                 cost = cost_model.sparse_cost(gemm, spec)
-                if d >= 1.0 or (faster_only and not dense > MIN_SPEEDUP * cost):
+                if d >= 1.0 or (faster_only and not dense > min_speedup(policy) * cost):
                     continue
                 out.append(Choice(spec, d, cost))
     return out
