@@ -34,7 +34,7 @@ ROWS: tuple[int, ...] = (1024,)
 QUICK_SHAPES: tuple[tuple[int, int], ...] = ((1536, 384), (384, 1536))
 QUICK_ROWS: tuple[int, ...] = (512,)
 #: Stop measuring after this many seconds (the fit uses what was measured by then).
-TIME_LIMIT = 50.0
+TIME_LIMIT = 40.0
 
 
 @dataclass(frozen=True)
