@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from .errors import PxError, TraceError
+from .fresh import InitChoice, choose_init
 from .model_specs import require_weights
 from .passes.budget import check_args, plan_schema
 from .passes.mapping import CostModel
@@ -57,7 +58,7 @@ def _inputs(model: nn.Module, example_inputs: Inputs | None) -> Inputs:
     )
 
 
-INITS = ("dense", "scratch")
+INITS = ("auto", "dense", "scratch")
 
 
 def check_model(model: Any) -> None:
@@ -67,7 +68,22 @@ def check_model(model: Any) -> None:
 
 def check_init(init: Any) -> None:
     if init not in INITS:
-        raise PxError(f"init must be 'dense' or 'scratch', got {init!r}")
+        raise PxError(f"init must be 'auto', 'dense' or 'scratch', got {init!r}")
+
+
+def resolve_init(init: str, model: nn.Module, traced: TraceResult, plan: Plan) -> InitChoice:
+    """``init`` as "dense" or "scratch": ``"auto"`` tests the weights the plan sparsifies
+    (:func:`pxcompile.fresh.choose_init`: scratch when all look freshly initialised)."""
+    if init != "auto":
+        return InitChoice(init, "asked for", ())
+
+    def weights():
+        for lp in plan.sparse_weight_layers:
+            b = traced.bindings.get(lp.name)
+            if b is not None:
+                yield lp.name, model.get_parameter(weight_target(model, b).weight).detach()
+
+    return choose_init(weights())
 
 
 def policy_arg(policy: Any) -> Policy | None:
@@ -209,14 +225,16 @@ def apply(
     example_inputs: Inputs | None = None,
     *,
     traced: TraceResult | None = None,
-    init: str = "dense",
+    init: str = "auto",
     inplace: bool = False,
     progress: ProgressFn | None = None,
 ) -> fx.GraphModule:
     """Rewrite ``model`` as ``plan`` says; returns the sparsified GraphModule.
 
-    The result carries ``pxcompile_plan`` and ``pxcompile_init_errors`` (relative error of
-    each rewritten layer's initial weight against the dense one).
+    ``init`` as in :func:`sparsify`. The result carries ``pxcompile_plan``,
+    ``pxcompile_init`` (the init used: "dense" or "scratch"), ``pxcompile_init_reason`` (why,
+    for ``init="auto"``) and ``pxcompile_init_errors`` (relative error of each rewritten
+    layer's initial weight against the dense one; empty with the scratch init).
 
     Example:
         >>> gm = pxcompile.apply(model, p, (x,))      # doctest: +SKIP
@@ -228,9 +246,14 @@ def apply(
     require_weights(model, type(model).__name__, "apply")
     if traced is None:
         traced = trace(model, example_inputs, progress=progress)
-    res: RewriteResult = rewrite(model, traced, plan, init=init, inplace=inplace, progress=progress)
+    choice = resolve_init(init, model, traced, plan)
+    res: RewriteResult = rewrite(
+        model, traced, plan, init=choice.init, inplace=inplace, progress=progress
+    )
     gm = res.module
     gm.pxcompile_plan = plan.check_against(traced.schema)
+    gm.pxcompile_init = choice.init
+    gm.pxcompile_init_reason = choice.reason
     gm.pxcompile_init_errors = res.init_errors
     gm.pxcompile_layers = res.layers
     gm.pxcompile_example_inputs = example_inputs  # lets save(gm, path) export without inputs
@@ -245,7 +268,7 @@ def sparsify(
     policy: Policy | dict | None = None,
     plan: Plan | str | os.PathLike | None = None,
     inplace: bool = False,
-    init: str = "dense",
+    init: str = "auto",
     progress: ProgressFn | None = None,
 ) -> fx.GraphModule:
     """Trace, plan and rewrite ``model`` in one call.
@@ -253,6 +276,20 @@ def sparsify(
     ``budget`` is the fraction of the eligible GEMMs' dense FLOPs to keep; ``plan`` (a Plan or
     a plan YAML path) replaces planning. The user's model is left untouched unless
     ``inplace=True``.
+
+    ``init`` says how the sparse layers start:
+
+    * ``"dense"``: from the model's weights (kept blocks copied, the low-rank term fitted to
+      the rest by truncated SVD): for a *trained* model, to fine-tune or run it sparse.
+    * ``"scratch"``: sampled like a fresh dense layer, each layer's output scale kept (kept
+      blocks scaled up by ``sqrt(fan-in / kept fan-in)``, the low-rank term given its share
+      of the variance): for a model you are about to *train from scratch*. ``"dense"`` on a
+      fresh model would shrink each layer's output by about ``sqrt(density)``.
+    * ``"auto"`` (default): ``"scratch"`` if every weight to sparsify looks freshly
+      initialised (no singular value above the random-matrix edge,
+      :mod:`pxcompile.fresh`), else ``"dense"``. ``gm.pxcompile_init`` says which was used
+      and ``gm.pxcompile_init_reason`` why. A model trained for only a few steps counts as
+      fresh; pass ``init`` explicitly to be sure.
 
     Example:
         >>> gm = pxcompile.sparsify(model, 0.3, example_inputs=(x,))   # doctest: +SKIP

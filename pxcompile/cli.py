@@ -171,9 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument(
         "--init",
-        choices=["dense", "scratch"],
-        default="dense",
-        help="model.py: start from the dense weights (default) or the reference's scratch init",
+        choices=["auto", "dense", "scratch"],
+        default="auto",
+        help="model.py: start the sparse layers from the dense weights (a trained model), "
+        "sampled to keep each layer's output scale (a fresh model to train), or auto "
+        "(default: scratch if the weights look freshly initialised, else dense)",
     )
     p.add_argument("--version", action="version", version=f"pxcompile {__version__}")
     return p

@@ -62,9 +62,10 @@ def compile_model_file(args: argparse.Namespace) -> int:
             f"internal error: the rewrite differs from the masked-dense reference by {diff:.2e}"
         )
     errors = gm.pxcompile_init_errors
-    cols = {"init err": {k: f"{v:.3f}" for k, v in errors.items()}}
+    cols = {"init err": {k: f"{v:.3f}" for k, v in errors.items()}} if errors else None
     rc = _finish(args, plan, extra_files, extra_columns=cols)
     if not args.json:
+        err.print(f"init: {gm.pxcompile_init} ({gm.pxcompile_init_reason})", highlight=False)
         err.print(
             f"verified: max relative output difference vs masked-dense reference {diff:.1e}"
             + (f"; wrote {args.output}" if args.output else ""),

@@ -191,22 +191,39 @@ class PixelflyLinear(WeightViews, nn.Module):
     # ---------------------------------------------------------------------------- init
 
     def reset_parameters(self) -> None:
-        """Reference (scratch) init: dense Kaiming-uniform (as ``nn.Linear``), each block row
-        scaled by ``sqrt(blocks in row / kept blocks in row)``, sparsified; small random
-        low-rank factors. Sampling only the kept blocks is the same distribution (i.i.d.)."""
+        """Scratch init: the layer's output has the variance of a fresh ``nn.Linear``'s
+        (Kaiming-uniform, entry variance ``1 / (3 fan_in)``), split between the two parts by
+        their share of the layer's parameters (``share = lowrank density / density``).
+
+        The butterfly part is the reference's init: Kaiming-uniform, each block row scaled by
+        ``sqrt(blocks in row / kept blocks in row)`` (so kept fan-in times entry variance is
+        the dense layer's), times ``sqrt(1 - share)``; sampling only the kept blocks is the
+        same distribution (i.i.d.). The low-rank part: ``V`` Kaiming-uniform, ``U`` uniform
+        with variance ``share / rank``, so ``U V^T``'s entries have variance
+        ``share / (3 fan_in)`` (about 20-50x the std of the previous ``1e-2`` init; the
+        reference code starts its gated low-rank term at a similar scale)."""
         with torch.no_grad():
             bound = 1.0 / math.sqrt(self.in_features)  # kaiming_uniform_(a=sqrt(5))
-            scale = math.sqrt(1.0 / self.spec.block_density)  # same in every (stretched) row
+            share = self.lowrank_share
+            # same in every (stretched) row
+            scale = math.sqrt((1.0 - share) / self.spec.block_density)
             self.blocks.uniform_(-bound * scale, bound * scale)
             if self.lowrank_u is not None:
-                r = self.spec.rank
                 self.lowrank_v.uniform_(-bound, bound)
-                # U V^T entries ~ 1e-2 of the butterfly's scale
-                ub = 1e-2 * scale * math.sqrt(3.0 / r)
+                ub = math.sqrt(3.0 * share / self.spec.rank)
                 self.lowrank_u.uniform_(-ub, ub)
             if self.bias is not None:
                 self.bias.uniform_(-bound, bound)
         self._zero_padding()
+
+    @property
+    def lowrank_share(self) -> float:
+        """The low-rank term's share of the layer's parameters (0 without one): the share of
+        the output variance the scratch init gives it."""
+        if self.spec.rank == 0:
+            return 0.0
+        lr = self.spec.lowrank_density(self.in_features, self.out_features)
+        return lr / self.spec.density(self.in_features, self.out_features)
 
     def _zero_padding(self) -> None:
         """Zero the parameters' entries in a padded pattern's padding (they never touch the

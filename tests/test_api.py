@@ -215,12 +215,57 @@ def test_scratch_init_and_init_errors():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
     x = torch.randn(64, 256)
-    gm = pxcompile.sparsify(model, 0.3, example_inputs=(x,))
+    gm = pxcompile.sparsify(model, 0.3, example_inputs=(x,), init="dense")
+    assert gm.pxcompile_init == "dense" and gm.pxcompile_init_reason == "asked for"
     assert set(gm.pxcompile_init_errors) == {"0", "2"}
     assert all(0 < e < 1 for e in gm.pxcompile_init_errors.values())
     gs = pxcompile.sparsify(model, 0.3, example_inputs=(x,), init="scratch")
     assert gs.pxcompile_init_errors == {}
     assert gs(x).shape == (64, 256)
+
+
+def _layer_scale(model: nn.Module, gm, name: str) -> float:
+    """A sparse layer's output std over its dense layer's, on the same random inputs."""
+    d, s = model.get_submodule(name), gm.get_submodule(gm.pxcompile_layers[name])
+    x = torch.randn(512, d.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return float(s(x).std() / d(x).std())
+
+
+@pytest.mark.parametrize("block", [16, 32])
+def test_default_init_keeps_a_fresh_models_output_scale(block):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256), nn.GELU(), nn.Linear(256, 256)
+    )
+    x = torch.randn(64, 256)
+    gm = pxcompile.sparsify(model, 0.3, block=block, example_inputs=(x,))
+    assert gm.pxcompile_init == "scratch", gm.pxcompile_init_reason
+    assert "look freshly initialised" in gm.pxcompile_init_reason
+    assert gm.pxcompile_init_errors == {}
+    assert len(gm.pxcompile_layers) >= 2
+    for name in gm.pxcompile_layers:
+        assert 0.88 < _layer_scale(model, gm, name) < 1.12, name
+    # what the default did before: the copied kept blocks shrink each layer's output
+    gd = pxcompile.sparsify(model, 0.3, block=block, example_inputs=(x,), init="dense")
+    assert all(_layer_scale(model, gd, n) < 0.8 for n in gd.pxcompile_layers)
+
+
+def test_default_init_keeps_a_trained_models_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 512), nn.GELU(), nn.Linear(512, 128))
+    teacher = nn.Sequential(nn.Linear(128, 16), nn.Tanh(), nn.Linear(16, 128))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        x = torch.randn(64, 128)
+        loss = (model(x) - teacher(x).detach()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    gm = pxcompile.sparsify(model, 0.3, block=16, example_inputs=(x,))
+    assert gm.pxcompile_init == "dense"
+    assert "training signal" in gm.pxcompile_init_reason
+    assert set(gm.pxcompile_init_errors) == set(gm.pxcompile_layers)
 
 
 def test_plan_with_a_policy_dict_as_in_the_readme():
@@ -337,7 +382,7 @@ def _mlp() -> nn.Module:
     [
         ({"policy": 42}, "policy must be a Policy, a dict or None, got int"),
         ({"policy": {"bogus": 1}}, "unknown key 'bogus'"),
-        ({"init": "bogus"}, "init must be 'dense' or 'scratch', got 'bogus'"),
+        ({"init": "bogus"}, "init must be 'auto', 'dense' or 'scratch', got 'bogus'"),
         ({"plan": 3}, "plan must be a Plan or a plan file's path, got int"),
         ({"budget": 7}, "budget must be in (0, 1], got 7"),
         ({"block": 48}, "block must be a power of two, got 48"),

@@ -58,7 +58,7 @@ def test_check_prints_every_rewritten_layer_with_its_error(capsys, model_file):
     rc, out, err = run(capsys, "check", model_file, "--budget", "0.4", "--block", "16")
     assert rc == 0, err
     model, inputs = load_model_file(model_file)
-    gm = pxcompile.sparsify(model, 0.4, block=16, example_inputs=inputs)
+    gm = pxcompile.sparsify(model, 0.4, block=16, example_inputs=inputs, init="dense")
     assert set(gm.pxcompile_layers) == {"0", "2", "4"}
     for name, e in gm.pxcompile_init_errors.items():
         row = next(line for line in out.splitlines() if line.strip("│┃ ").startswith(name + " "))
@@ -71,7 +71,7 @@ def test_json_matches_the_api_and_flags_poor_layers(capsys, model_file):
     assert rc == 0, err
     res = json.loads(out)
     model, inputs = load_model_file(model_file)
-    gm = pxcompile.sparsify(model, 0.4, block=16, example_inputs=inputs)
+    gm = pxcompile.sparsify(model, 0.4, block=16, example_inputs=inputs, init="dense")
     by_name = {lc["name"]: lc for lc in res["layers"]}
     assert set(by_name) == set(gm.pxcompile_init_errors)
     for name, e in gm.pxcompile_init_errors.items():

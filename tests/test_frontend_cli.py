@@ -47,10 +47,16 @@ def test_compile_model_file_json(tmp_path, capsys):
 
 def test_table_and_verification_line(tmp_path, capsys):
     p = write(tmp_path, MLP)
-    assert main([str(p), "--budget", "0.3"]) == 0
+    assert main([str(p), "--budget", "0.3", "--init", "dense"]) == 0
     cap = capsys.readouterr()
     assert "init err" in cap.out and "achieved budget" in cap.out
     assert "verified: max relative output difference" in cap.err
+    assert "init: dense (asked for)" in cap.err
+    # the default on this freshly initialised model: the scratch init, no init errors to show
+    assert main([str(p), "--budget", "0.3"]) == 0
+    cap = capsys.readouterr()
+    assert "init err" not in cap.out and "achieved budget" in cap.out
+    assert "init: scratch (all " in cap.err and "look freshly initialised" in cap.err
 
 
 def test_untraceable_model(tmp_path, capsys):

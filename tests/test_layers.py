@@ -274,16 +274,31 @@ def test_from_dense_scratch_init():
     w = torch.zeros(fout, fin)
     layer = PixelflyLinear.from_dense(w, torch.zeros(fout), spec, init="scratch")
     assert layer.init_error is None
-    bound = math.sqrt(1 / spec.block_density) / math.sqrt(fin)
+    share = layer.lowrank_share
+    assert share == pytest.approx(3 * (fin + fout) / (3 * (fin + fout) + 0.5 * fin * fout))
+    bound = math.sqrt((1 - share) / spec.block_density) / math.sqrt(fin)
     assert float(layer.blocks.detach().abs().max()) <= bound
     assert float(layer.blocks.detach().abs().max()) > 0.9 * bound
     assert float(layer.blocks.detach().std()) == pytest.approx(bound / math.sqrt(3), rel=0.05)
-    # low-rank term small next to the butterfly
-    assert float((layer.lowrank_u @ layer.lowrank_v).detach().std()) < 0.1 * float(
-        layer.blocks.detach().std()
-    )
+    # the low-rank term's entries carry its share of a dense entry's variance 1 / (3 fin)
+    uv = (layer.lowrank_u @ layer.lowrank_v).detach()
+    assert float(uv.var()) == pytest.approx(share / (3 * fin), rel=0.25)
     with pytest.raises(ValueError):
         PixelflyLinear.from_dense(w, None, spec, init="nope")
+
+
+@pytest.mark.parametrize(("fin", "fout", "spec"), CASES, ids=CASE_IDS)
+def test_scratch_init_keeps_a_dense_layers_output_scale(fin, fout, spec):
+    """A freshly initialised layer's output has the std of a fresh nn.Linear's (issue #14)."""
+    torch.manual_seed(0)
+    x = torch.randn(2048, fin)
+    with torch.no_grad():
+        ratios = [
+            float(PixelflyLinear(fin, fout, spec, bias=False)(x).std())
+            / float(nn.Linear(fin, fout, bias=False)(x).std())
+            for _ in range(3)
+        ]
+    assert 0.9 < sum(ratios) / 3 < 1.1, ratios
 
 
 @pytest.mark.parametrize(("fin", "fout", "spec"), CASES, ids=CASE_IDS)
