@@ -767,11 +767,13 @@ def test_trace_schema_out_round_trips_to_the_same_plan(capsys, tmp_path, tiny_ll
         (["timm:mixer_b16_22", "--budget", "0.3"], "did you mean mixer_b16_224"),
         (["trace", "torchvision:resnet5"], "no such model; did you mean resnet50"),
         (["hf:{tmp}/nowhere", "--budget", "0.3"], "no such file or directory"),
+        (["trace", "{spec}", "--schema-out", "{cfg}"], "would overwrite the input"),
+        (["{spec}", "--budget", "0.3", "--plan-out", "{cfg}"], "would overwrite the input"),
     ],
 )
 def test_model_spec_mistakes_are_one_line(capsys, tmp_path, tiny_llama_dir, argv, needle):
-    spec = f"hf:{tiny_llama_dir},seq=16"
-    argv = [a.format(spec=spec, tmp=tmp_path) for a in argv]
+    spec, cfg = f"hf:{tiny_llama_dir},seq=16", tiny_llama_dir / "config.json"
+    argv = [a.format(spec=spec, tmp=tmp_path, cfg=cfg) for a in argv]
     rc, _, err = run(capsys, *argv)
     assert_one_line_error(rc, err, needle)
     assert not (tmp_path / "m.px").exists()
