@@ -426,8 +426,10 @@ def train_methods(
     tcfg: TrainConfig,
     core: CoreConfig,
     log: Callable[[str], None] = print,
+    on_run: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Train every method at every seed (same initial weights, batches, optimizer)."""
+    """Train every method at every seed (same initial weights, batches, optimizer);
+    ``on_run(runs so far)`` after each run (to save partial results)."""
     evaluate = evaluator(task)
     runs = []
     for seed in seeds:
@@ -457,6 +459,8 @@ def train_methods(
                 }
             )
             log(f"  -> acc {final['acc']:.1f}% in {spent:.0f}s (load {load_average()})")
+            if on_run is not None:
+                on_run(runs)
     return runs
 
 

@@ -110,7 +110,7 @@ def model_config(seq: int) -> ModelConfig:
     )
 
 
-def run_accuracy(cfg: dict, log) -> list[dict]:
+def run_accuracy(cfg: dict, log, methods=METHODS, on_run=None) -> list[dict]:
     seq = cfg["seq"]
     test = needle_batch(cfg["eval_n"], seq, torch.Generator().manual_seed(999_983))
     tcfg = TrainConfig(steps=cfg["steps"], batch=cfg["batch"], lr=cfg["lr"])
@@ -131,7 +131,7 @@ def run_accuracy(cfg: dict, log) -> list[dict]:
 
     runs = []
     for seed in cfg["seeds"]:
-        for method in METHODS:
+        for method in methods:
             model = build_model(method, model_config(seq), cfg["core"], seed)
 
             def batches(step, seed=seed):
@@ -154,6 +154,8 @@ def run_accuracy(cfg: dict, log) -> list[dict]:
                 }
             )
             log(f"  -> acc {final['acc']:.1f}% in {spent:.0f}s (load {load_average()})")
+            if on_run is not None:
+                on_run(runs)
     return runs
 
 
@@ -226,12 +228,14 @@ def markdown(res: dict) -> str:
     for m in METHODS:
         rs = [r for r in res["runs"] if r["method"] == m]
         a, sa = mean_std(acc[m])
-        lo, slo = mean_std([r["loss"] for r in rs])
+        losses = [r["loss"] for r in rs if r.get("loss") is not None]
+        lo, slo = mean_std(losses) if losses else (float("nan"), 0.0)
         kept_acc = res["kept_at_seq"][m]
         vs = "-" if m == "dense" else verdict(acc[m], acc["dense"], True, (m, "dense"))
         lines.append(
             f"| {m} | {kept_acc:.3f} | {rs[0]['params']:,} | {a:.1f} ± {sa:.1f} | {lo:.3f} ± "
-            f"{slo:.3f} | {mean_std([r['train_s'] for r in rs])[0]:.0f} | {vs} |"
+            f"{slo:.3f}{'' if len(losses) == len(rs) else f' ({len(losses)} seed)'} | "
+            f"{mean_std([r['train_s'] for r in rs])[0]:.0f} | {vs} |"
         )
     lines += [
         "",
@@ -324,8 +328,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="experiments/results", help="output folder")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--json", action="store_true", help="also write every run as JSON")
+    ap.add_argument("--seed-list", help="comma-separated seeds to run (default: the mode's)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods")
+    ap.add_argument("--no-speed", action="store_true", help="skip the side-by-side timing")
+    ap.add_argument("--no-train", action="store_true", help="only the side-by-side timing")
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="write the results from the JSON files of partial runs (--json with --seed-list / "
+        "--methods / --no-train / --no-speed, run in parallel processes)",
+    )
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    stem = "fig07_sparse_attention"
+    if args.merge:
+        torch.set_num_threads(args.threads)
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        res = parts[0]
+        for p in parts[1:]:
+            res["runs"] += p["runs"]
+            res["speed"] = res["speed"] or p["speed"]
+            res["wall_s"] = max(res["wall_s"], p["wall_s"])
+            res["load_end"] = p["load_end"]
+        res["runs"].sort(key=lambda r: (r["seed"], METHODS.index(r["method"])))
+        res["command"] = "; ".join(p["command"] for p in parts) + "; then merged"
+        res["config"]["seeds"] = sorted({r["seed"] for r in res["runs"]})
+        finish(res, out, stem)
+        return 0
     cfg = dict(QUICK if args.quick else FULL)
+    if args.seed_list:
+        cfg["seeds"] = tuple(int(s) for s in args.seed_list.split(","))
+    methods = tuple(args.methods.split(","))
     torch.set_num_threads(args.threads)
 
     def log(msg: str) -> None:
@@ -338,25 +372,42 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine(),
         "core": cfg["core"].describe(),
         "load_start": load_average(),
+        "speed": [],
+        "runs": [],
     }
     res["kept_at_seq"] = {
         m: kept_fraction(m, make_core(m, cfg["core"]), cfg["seq"]) for m in METHODS
     }
-    log("speed")
-    res["speed"] = run_speed(cfg, log)
-    log("accuracy")
-    res["runs"] = run_accuracy(cfg, log)
-    res["load_end"] = load_average()
-    res["wall_s"] = time.perf_counter() - t0
-    res["notes"] = notes(res)
-    res["config"] = {k: (v.describe() if k == "core" else v) for k, v in cfg.items()}
-    out = Path(args.out)
-    stem = "fig07_sparse_attention"
-    write_results(out, stem, markdown(res), lambda p: plot(res, p))
-    if args.json:
-        (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-    log((out / f"{stem}.md").read_text())
+    partial = args.no_train or args.no_speed or args.seed_list or methods != METHODS
+    tag = "speed" if args.no_train else "s" + "_".join(map(str, cfg["seeds"]))
+    if methods != METHODS:
+        tag += "_" + "_".join(methods)
+
+    def save(runs: list[dict]) -> None:
+        res["runs"] = runs
+        res["load_end"] = load_average()
+        res["wall_s"] = time.perf_counter() - t0
+        res["config"] = {k: (v.describe() if k == "core" else v) for k, v in cfg.items()}
+        if args.json or partial:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"{stem}_{tag}.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
+
+    if not args.no_speed:
+        log("speed")
+        res["speed"] = run_speed(cfg, log)
+    if not args.no_train:
+        log("accuracy")
+        res["runs"] = run_accuracy(cfg, log, methods, on_run=save)
+    save(res["runs"])
+    if not partial:
+        finish(res, out, stem)
     return 0
+
+
+def finish(res: dict, out: Path, stem: str) -> None:
+    res["notes"] = notes(res)
+    write_results(out, stem, markdown(res), lambda p: plot(res, p))
+    print((out / f"{stem}.md").read_text(), flush=True)
 
 
 if __name__ == "__main__":
