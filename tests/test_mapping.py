@@ -84,6 +84,20 @@ def test_cost_model():
     assert COST.sparse_cost(g, big) < COST.sparse_cost(g, small)
 
 
+def test_the_calibrated_model_prefers_the_faster_of_near_equal_choices():
+    """Issue #12.4: with the planning cost model (calibrated-cpu) too, the menu keeps the
+    fastest of (nearly) equal densities: fewer factors (less gathering) and bigger blocks."""
+    from pxcompile.passes.mapping import DEFAULT_COST_MODEL, predicted_speedup
+
+    g = mlp(768, 3072)
+    pol = Policy(rank=0)
+    m = {round(c.density, 9): c for c in menu(g, 32, pol, pol.resolve(g, 32), DEFAULT_COST_MODEL)}
+    best = m[round(1 / 6, 9)].spec
+    assert best == PatternSpec(12, 1, 64)
+    for other in (PatternSpec(24, 3, 32), PatternSpec(12, 1, 32)):
+        assert predicted_speedup(g, other) < predicted_speedup(g, best)
+
+
 def test_equal_densities_prefer_fewer_larger_blocks():
     """768x3072 at block 32: density 1/6 is (24,3,32), (12,1,32) or (12,1,64); 1/3 is
     also (6,1,128). The menu keeps the largest blocks."""
