@@ -45,6 +45,10 @@ CASES = [
     ("3072->768 1 row", 3072, 768, 1, PatternSpec(24, 3, 32), False),
     ("768->3072 64 rows", 768, 3072, 64, PatternSpec(24, 3, 32), False),
     ("3072->768 64 rows", 3072, 768, 64, PatternSpec(24, 3, 32), False),
+    # Mixer-B/16's token mixing (196 tokens, batch 8), padded as `--cost-model flops+blocks`
+    # plans it at budget 0.3 (issue #12.3): the layer pads its input and slices its output
+    ("196->384 pad 256x512", 196, 384, 6144, PatternSpec(8, 1, 32, 0, 512, 256), True),
+    ("384->196 pad 384x384", 384, 196, 6144, PatternSpec(12, 1, 32, 0, 384), True),
 ]
 QUICK = {
     "768->3072 d.167",
