@@ -41,13 +41,14 @@ class Block(nn.Module):
         self.proj = nn.Linear(d, d)
         self.fc1 = nn.Linear(d, 2 * d)
         self.fc2 = nn.Linear(2 * d, d)
+        self.use_mlp = True  # a plain setting a layer may branch on
 
     def forward(self, x):
         qkv = self.qkv(self.norm(x)).view(x.shape[0], x.shape[1], 3, 2, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
         x = x + self.proj(a.transpose(1, 2).reshape(x.shape))
-        return x + self.fc2(torch.relu(self.fc1(x)))
+        return x + self.fc2(torch.relu(self.fc1(x))) if self.use_mlp else x
 
 
 class Net(nn.Module):
@@ -102,6 +103,7 @@ def test_cut_is_put_back():
     [
         pytest.param(lambda: Net(shared=nn.Linear(32, 32)), id="module-shared-by-every-layer"),
         pytest.param(lambda: Net(tie=True), id="tied-weights"),
+        pytest.param(lambda: _no_mlp(Net(), 3), id="a-layer-branches-on-a-setting"),
         pytest.param(
             lambda: nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)]), id="last-gemm-in-list"
         ),
@@ -119,6 +121,11 @@ def test_cases_a_cut_could_get_wrong_trace_the_whole_model(build):
     _same(real, meta)
     assert real.method == meta.method == "fx"
     assert meta.graph_module is not None  # the whole model was traced
+
+
+def _no_mlp(net: Net, i: int) -> Net:
+    net.blocks[i].use_mlp = False
+    return net
 
 
 class Halve(nn.Module):

@@ -9,8 +9,9 @@ trace pass therefore traces it with every list of identical layers cut to its fi
 A list is cut only when that cannot change the schema:
 
 * it is an ``nn.ModuleList`` / ``nn.Sequential`` of three or more layers of one structure
-  (class, submodules, parameter and buffer names, shapes and dtypes) sharing no parameter
-  with anything else (tied weights keep the model whole);
+  (class, submodules, parameter and buffer names, shapes and dtypes, and plain settings such
+  as ``is_sliding``; a layer's own index aside) sharing no parameter with anything else (tied
+  weights keep the model whole);
 * the trace of the cut model then shows the stream is stationary: the two layers took inputs
   of the same shapes and gave outputs of the same shapes, the first output being the shape
   of the first input (so layer 3 and on see what layer 2 saw);
@@ -65,6 +66,22 @@ def _shapes(x: Any) -> tuple:
     )
 
 
+# A layer's own index (Hugging Face's ``layer_idx``...) differs from layer to layer by design.
+_INDEX_ATTR = re.compile(r"(^|_)(idx|index|layer_id|layer_number|layer_num)($|_)")
+
+
+def _settings(s: nn.Module) -> tuple:
+    """A module's plain settings (numbers, strings, flags, None): a layer that branches on one
+    (``self.is_sliding``, a KV-sharing flag) may run other GEMMs than its neighbours."""
+    return tuple(
+        (k, v)
+        for k, v in sorted(vars(s).items())
+        if not k.startswith("_")
+        and (v is None or isinstance(v, bool | int | float | str))
+        and not _INDEX_ATTR.search(k)
+    )
+
+
 def _structure(m: nn.Module) -> tuple:
     return tuple(
         (
@@ -72,6 +89,7 @@ def _structure(m: nn.Module) -> tuple:
             type(s).__qualname__,
             tuple((k, tuple(p.shape), p.dtype) for k, p in s._parameters.items() if p is not None),
             tuple((k, tuple(b.shape), b.dtype) for k, b in s._buffers.items() if b is not None),
+            _settings(s),
         )
         for n, s in m.named_modules(remove_duplicate=False)
     )
