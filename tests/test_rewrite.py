@@ -229,3 +229,7 @@ def test_padded_layers_run_sparse_match_the_reference_and_save(tmp_path):
     back = pxcompile.load(tmp_path / "m.px")
     assert back.pxcompile_plan["token_mixing.2"].pattern == plan["token_mixing.2"].pattern
     torch.testing.assert_close(back(x), gm.eval()(x))
+    # rebuilt onto the user's dense model class: padded PixelflyLinear layers again
+    again = pxcompile.load(tmp_path / "m.px", model=MixerBlock(100, 128, 192, 512))
+    assert again.get_submodule("token_mixing.2").spec == plan["token_mixing.2"].pattern
+    torch.testing.assert_close(again(x), gm(x))
