@@ -259,11 +259,15 @@ def markdown(res: dict) -> str:
     for r in res["speed"]:
         lines.append(
             f"| {r['seq']} | {r['batch']} | {r['method']} | {r['kept']:.3f} | "
-            f"{r['model_ms']:.0f} | {r['model_ratio']:.2f}x | {r['core_ms']:.0f} | "
+            f"{_ms(r['model_ms'])} | {r['model_ratio']:.2f}x | {_ms(r['core_ms'])} | "
             f"{r['core_ratio']:.2f}x | {r['load']} |"
         )
     lines += ["", "## Reading", ""] + [f"- {s}" for s in res["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
 
 
 def notes(res: dict) -> list[str]:

@@ -152,7 +152,7 @@ def markdown(res: dict) -> str:
             vs = "-" if m == "dense" else verdict(acc[m], acc["dense"], True, (m, "dense"))
             lines.append(
                 f"| {task} | {res['seq'][task]} | {m} | {sp[m]['kept']:.3f} | "
-                f"{rs[0]['params']:,} | {a:.1f} ± {s:.1f} | {vs} | {sp[m]['ms']:.0f} | "
+                f"{rs[0]['params']:,} | {a:.1f} ± {s:.1f} | {vs} | {_ms(sp[m]['ms'])} | "
                 f"{sp[m]['ratio']:.2f}x |"
             )
     lines += [
@@ -165,6 +165,10 @@ def markdown(res: dict) -> str:
         "",
     ] + [f"- {s}" for s in res["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _ms(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.0f}"
 
 
 def notes(res: dict) -> list[str]:
