@@ -41,6 +41,7 @@ Shapes and counts are described in :mod:`.sites`, naming in :mod:`.analyzer`, la
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -173,8 +174,10 @@ def trace(
     if method not in ("auto", "fx", "export"):
         raise TraceError(f"trace method must be auto, fx or export, got {method!r}")
     if is_meta_model(model):
+        cut = None
         with cut_repeats(model, *_split_inputs(example_inputs)) as cuts:
-            cut = _trace(model, example_inputs, name, progress, method) if cuts else None
+            with contextlib.suppress(TraceError):  # then the whole model says what fails
+                cut = _trace(model, example_inputs, name, progress, method) if cuts else None
         whole = None if cut is None else expand(cut, cuts)
         if whole is not None:
             return whole
