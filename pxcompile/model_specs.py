@@ -36,8 +36,8 @@ KINDS = ("hf", "timm", "torchvision")
 MAX_SEQ = 4096  # default sequence length: the model's context, capped
 DEFAULT_SEQ = 1024  # when the config names no context length
 DEFAULT_IMAGE = 224
-OPTIONS = {"batch", "seq", "size"}
-_OPTION_RE = re.compile(r"(?:,(?:batch|seq|size)=[^,]*)+$")
+OPTIONS = ("batch", "seq", "size")  # ,key=N after a spec
+_OPTION_RE = re.compile(r"(?:,(?:" + "|".join(OPTIONS) + r")=[^,]*)+$")
 _MAX_CONFIG_BYTES = 1 << 20
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
 
