@@ -1,6 +1,6 @@
 """Figure 6 at CPU scale: Pixelfly against RigL and static random blocks (issue #14).
 
-    python experiments/fig06_rigl.py --jobs 2                    # full run (~15-25 min, loaded)
+    python experiments/fig06_rigl.py --jobs 2                    # full run (~25 min at load 35)
     python experiments/fig06_rigl.py --quick --out /tmp/f06      # smoke run (seconds)
 
 An MLP-Mixer (width 128, MLP 512, depth 2, 16 tokens) on scikit-learn's digits

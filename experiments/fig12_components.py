@@ -1,6 +1,6 @@
 """Figure 12 at CPU scale: which sparsity-pattern components matter (issue #14).
 
-    python experiments/fig12_components.py --jobs 2                  # full run (~20-30 min, loaded)
+    python experiments/fig12_components.py --jobs 3                  # full run (~25 min at load 35)
     python experiments/fig12_components.py --quick --out /tmp/f12    # smoke run (seconds)
 
 An MLP-Mixer (width 128, MLP 512, depth 2, 16 tokens) on scikit-learn's digits
@@ -166,6 +166,8 @@ def report(out: Path, cfg: dict, seeds: list[int], res: dict) -> None:
     )
     names = list(PATTERNS)
     ms = [C.mean_std(acc(n)) for n in names]
+    lo, hi = min(m - s for m, s in ms), max(m + s for m, s in ms)
+    ylim = (lo - 1.2 * (hi - lo) - 0.1, hi + 0.1)  # room below the points for the legend
     C.plot(
         out / "fig12_components.png",
         [
@@ -173,6 +175,7 @@ def report(out: Path, cfg: dict, seeds: list[int], res: dict) -> None:
                 "title": "final test accuracy by pattern (density ~0.25)",
                 "xlabel": "pattern (index, see table)",
                 "ylabel": "test acc %",
+                "ylim": ylim,
                 "points": {
                     f"{i}: {n}": ([i], [m], [0.0], [s])
                     for i, (n, (m, s)) in enumerate(zip(names, ms))
