@@ -308,7 +308,11 @@ def write(out: Path, stem: str, res: dict) -> None:
         "Speed: full training steps (forward, backward, AdamW) of the four variants "
         f"interleaved, {cfg['speed_rounds']} rounds after warm-up, medians (load "
         f'{res["speed_load"]}). "no difference measured": means within one std.',
-        "\n".join(f"- {s}" for s in pv),
+        "\n".join(f"- {s}" for s in pv)
+        + "\n- Caveat: every variant is far from converged after these steps (perplexity ~15 "
+        "per character; a converged char model of this size reaches about 3-4). This compares "
+        "early training, where a model with fewer parameters can move faster; it does not show "
+        "final quality, and a longer run may reorder the variants.",
         f"Runs: `{res['command']}`",
     ]
     common.write_md(
