@@ -1,6 +1,6 @@
 """Figure 11 at CPU scale: flat block butterfly against the product of its factors (issue #14).
 
-    python experiments/fig11_flat_vs_product.py                       # full run (a few minutes)
+    python experiments/fig11_flat_vs_product.py                       # full run (~7 min at load 28)
     python experiments/fig11_flat_vs_product.py --quick --out /tmp/f11  # smoke run (seconds)
 
 The same block butterfly (block 32, ``n = size / 32`` block rows, all ``log2(n)`` factors) on
@@ -38,23 +38,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C  # noqa: E402
 from baselines.butterfly import ProductButterfly  # noqa: E402
 
-FULL = {"sizes": (512, 1024, 2048, 4096), "block": 32, "rows": 512, "rounds": 9}
-QUICK = {"sizes": (128, 256), "block": 32, "rows": 16, "rounds": 2}
-METHODS = ("dense", "flat", "product")
+FULL = {"sizes": (512, 1024, 2048, 4096), "block": 32, "rows": 256, "rounds": 7, "compiled": True}
+QUICK = {"sizes": (128, 256), "block": 32, "rows": 16, "rounds": 2, "compiled": False}
+PAIRS = (("flat", "product"), ("flat compiled", "product compiled"))
 
 
-def layers(size: int, block: int) -> dict[str, torch.nn.Module]:
+def layers(size: int, block: int, compiled: bool) -> dict[str, torch.nn.Module]:
+    """dense, flat and product (eager); with ``compiled``, also the flat layer on its compiled
+    path and the product through ``torch.compile``."""
     from pxcompile.layers import PixelflyLinear
     from pxcompile.patterns import PatternSpec
 
     n = size // block
-    flat = PixelflyLinear(size, size, PatternSpec(n, int(math.log2(n)), block, rank=0))
+    spec = PatternSpec(n, int(math.log2(n)), block, rank=0)
+    flat = PixelflyLinear(size, size, spec)
     flat.path = "eager"
-    return {
-        "dense": torch.nn.Linear(size, size),
-        "flat": flat,
-        "product": ProductButterfly(size, block),
-    }
+    product = ProductButterfly(size, block)
+    ms = {"dense": torch.nn.Linear(size, size), "flat": flat, "product": product}
+    if compiled:
+        fc = PixelflyLinear(size, size, spec)
+        fc.path = "compiled"
+        ms["flat compiled"] = fc
+        ms["product compiled"] = torch.compile(ProductButterfly(size, block), dynamic=False)
+    return ms
 
 
 def timed(m: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[float, float]:
@@ -69,11 +75,11 @@ def timed(m: torch.nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[float, 
 
 def measure(size: int, cfg: dict) -> dict:
     torch.manual_seed(0)
-    ms = layers(size, cfg["block"])
+    ms = layers(size, cfg["block"], cfg["compiled"])
     x = torch.randn(cfg["rows"], size, requires_grad=True)
     g = torch.randn(cfg["rows"], size)
-    for m in ms.values():  # warm-up
-        for _ in range(2):
+    for m in ms.values():  # warm-up (and compiling)
+        for _ in range(3):
             timed(m, x, g)
     t: dict[str, list[tuple[float, float]]] = {k: [] for k in ms}
     for _ in range(cfg["rounds"]):
@@ -85,6 +91,7 @@ def measure(size: int, cfg: dict) -> dict:
     f = int(math.log2(n))
     rows = cfg["rows"]
     kept = {"dense": 1.0, "flat": (f + 1) / n, "product": 2 * f / n}
+    kept.update({"flat compiled": kept["flat"], "product compiled": kept["product"]})
     res: dict = {"size": size, "n": n, "factors": f, "load": os.getloadavg()[0]}
     for k in ms:
         fw = [a for a, _ in t[k]]
@@ -96,17 +103,18 @@ def measure(size: int, cfg: dict) -> dict:
             "gflop": 2 * rows * size * size * kept[k] / 1e9,
             "density": kept[k],
         }
-    for part, idx in (("fwd", 0), ("bwd", 1)):
-        ratios = [p[idx] / q[idx] for p, q in zip(t["product"], t["flat"])]
-        res[f"product_over_flat_{part}"] = statistics.median(ratios)
-    tot = [sum(p) / sum(q) for p, q in zip(t["product"], t["flat"])]
-    res["product_over_flat_total"] = statistics.median(tot)
-    res["dense_over_flat_total"] = statistics.median(
-        sum(d) / sum(q) for d, q in zip(t["dense"], t["flat"])
-    )
-    res["dense_over_product_total"] = statistics.median(
-        sum(d) / sum(p) for d, p in zip(t["dense"], t["product"])
-    )
+    for fl, pr in PAIRS:
+        if fl not in t:
+            continue
+        ratio: dict[str, float] = {}
+        for part, idx in (("fwd", 0), ("bwd", 1)):
+            ratio[part] = statistics.median(p[idx] / q[idx] for p, q in zip(t[pr], t[fl]))
+        ratio["total"] = statistics.median(sum(p) / sum(q) for p, q in zip(t[pr], t[fl]))
+        for k in (fl, pr):
+            ratio[f"dense_over_{k}"] = statistics.median(
+                sum(d) / sum(q) for d, q in zip(t["dense"], t[k])
+            )
+        res[f"{pr} / {fl}"] = ratio
     return res
 
 
@@ -128,21 +136,27 @@ def main(argv: list[str] | None = None) -> int:
 def report(out: Path, cfg: dict, res: dict) -> None:
     rows = []
     for r in res["sizes"]:
-        rows.append(
-            [
-                f"{r['size']} (n={r['n']}, {r['factors']} factors)",
-                f"{r['flat']['density']:.4f} / {r['product']['density']:.4f}",
-                f"{r['dense']['fwd_ms']:.2f} / {r['dense']['bwd_ms']:.2f}",
-                f"{r['flat']['fwd_ms']:.2f} / {r['flat']['bwd_ms']:.2f}",
-                f"{r['product']['fwd_ms']:.2f} / {r['product']['bwd_ms']:.2f}",
-                f"{r['product_over_flat_fwd']:.2f}x / {r['product_over_flat_bwd']:.2f}x",
-                f"**{r['product_over_flat_total']:.2f}x**",
-                f"{r['dense_over_flat_total']:.2f}x / {r['dense_over_product_total']:.2f}x",
-                f"{r['load']:.1f}",
-            ]
-        )
+        for fl, pr in PAIRS:
+            q = r.get(f"{pr} / {fl}")
+            if q is None:
+                continue
+            rows.append(
+                [
+                    f"{r['size']} (n={r['n']}, {r['factors']} factors)",
+                    "compiled" if "compiled" in fl else "eager",
+                    f"{r[fl]['density']:.4f} / {r[pr]['density']:.4f}",
+                    f"{r['dense']['fwd_ms']:.1f} / {r['dense']['bwd_ms']:.1f}",
+                    f"{r[fl]['fwd_ms']:.1f} / {r[fl]['bwd_ms']:.1f}",
+                    f"{r[pr]['fwd_ms']:.1f} / {r[pr]['bwd_ms']:.1f}",
+                    f"{q['fwd']:.2f}x / {q['bwd']:.2f}x",
+                    f"**{q['total']:.2f}x**",
+                    f"{q['dense_over_' + fl]:.2f}x / {q['dense_over_' + pr]:.2f}x",
+                    f"{r['load']:.1f}",
+                ]
+            )
     head = [
         "size",
+        "path",
         "kept: flat / product",
         "dense ms fwd / bwd",
         "flat ms fwd / bwd",
@@ -160,17 +174,27 @@ def report(out: Path, cfg: dict, res: dict) -> None:
         [
             f"Block {cfg['block']}, {cfg['rows']} rows, square weights; all log2(n) butterfly "
             f"factors. Product: one batched matmul per factor over its n/2 pairs of block rows, "
-            f"applied in sequence, autograd backward. Flat: PixelflyLinear(rank 0) with the "
-            f"same factors summed, one block-sparse multiply, eager path. 'kept' is the "
-            f"fraction of a dense multiply's FLOPs each form does. {cfg['rounds']} interleaved "
-            f"rounds; times are medians, ratios are medians of per-round ratios (> 1: the "
-            f"product is slower). Load average {res['load_start']:.1f} at the start, "
-            f"{res['load_end']:.1f} at the end (2 cores, shared), per size in the last column.",
+            f"applied in sequence, autograd backward (path 'compiled': the module through "
+            f"torch.compile). Flat: PixelflyLinear(rank 0) with the same factors summed, one "
+            f"block-sparse multiply, its hand-written backward (path 'eager' or its compiled "
+            f"bodies). 'kept' is the fraction of a dense multiply's FLOPs each form does. "
+            f"{cfg['rounds']} interleaved rounds of every method (dense: F.linear); times are "
+            f"medians, ratios are medians of per-round ratios (> 1: the product is slower). "
+            f"Load average {res['load_start']:.1f} at the start, {res['load_end']:.1f} at the "
+            f"end (2 cores, shared), per size in the last column.",
             C.table(head, rows),
             "The paper reports the flat form up to 3x faster than the product on GPU.",
         ],
     )
     sizes = [r["size"] for r in res["sizes"]]
+    first = res["sizes"][0]
+    methods = [k for k, v in first.items() if isinstance(v, dict) and "fwd_ms" in v]
+    ratios = {}
+    for fl, pr in PAIRS:
+        key = f"{pr} / {fl}"
+        if key in first:
+            for p in ("fwd", "bwd", "total"):
+                ratios[f"{key}: {p}"] = (sizes, [r[key][p] for r in res["sizes"]], None)
     C.plot(
         out / "fig11_flat_vs_product.png",
         [
@@ -180,7 +204,7 @@ def report(out: Path, cfg: dict, res: dict) -> None:
                 "ylabel": "ms",
                 "xscale": "log",
                 "series": {
-                    k: (sizes, [r[k]["total_ms"] for r in res["sizes"]], None) for k in METHODS
+                    k: (sizes, [r[k]["total_ms"] for r in res["sizes"]], None) for k in methods
                 },
             },
             {
@@ -188,10 +212,7 @@ def report(out: Path, cfg: dict, res: dict) -> None:
                 "xlabel": "size (square weight)",
                 "ylabel": "ratio (> 1: flat faster)",
                 "xscale": "log",
-                "series": {
-                    f"{p}": (sizes, [r[f"product_over_flat_{p}"] for r in res["sizes"]], None)
-                    for p in ("fwd", "bwd", "total")
-                },
+                "series": ratios,
             },
         ],
         f"Flat vs product block butterfly (block {cfg['block']}, {cfg['rows']} rows)",
