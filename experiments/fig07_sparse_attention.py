@@ -284,6 +284,21 @@ def notes(res: dict) -> list[str]:
         + "; attention core alone: "
         + ", ".join(f"{m} {sp[m]['core_ratio']:.2f}x" for m in METHODS if m != "dense")
     )
+    if any(r.get("loss") is None for r in res["runs"]):
+        out.append(
+            "Some runs' test loss and some step times (ms) were not recorded (n/a): those runs "
+            "and the speed table were read from the log of a process stopped early so that the "
+            "remaining seeds could run in parallel processes (see the command)."
+        )
+    early = {
+        m: [c[1] for r in res["runs"] if r["method"] == m for c in r["curve"][:-1]] for m in METHODS
+    }
+    if all(early.values()):
+        out.append(
+            "mid-training accuracy (first evaluation): "
+            + ", ".join(f"{m} {mean_std(v)[0]:.0f}%" for m, v in early.items())
+            + ": how fast each pattern finds the long-range route"
+        )
     out.append(
         "Pixelfly and BigBird run on the same block-sparse kernel with the same number of kept "
         "blocks per row, so their speeds differ only by the layout; Reformer's LSH (sorting, "
