@@ -2,6 +2,7 @@
 
     python experiments/fig12_components.py --jobs 3                  # full run (~25 min at load 35)
     python experiments/fig12_components.py --quick --out /tmp/f12    # smoke run (seconds)
+    python experiments/fig12_components.py --low --jobs 3            # the same at ~12.5%
 
 An MLP-Mixer (width 128, MLP 512, depth 2, 16 tokens) on scikit-learn's digits
 (:func:`common.digits`), trained from scratch with :func:`common.train` (same steps,
@@ -14,6 +15,10 @@ grid of cells stretched to the weight (cells of 32 x 8 / 8 x 32 elements):
   at random positions (fixed per layer and seed);
 * combinations, a 3-cells-per-row part plus rank 6 (24.6%): **local + global** (band of 3),
   **random + low rank** (48 random cells), **butterfly + low rank** (2 factors): Pixelfly.
+
+``--low``: the same comparison at about 12.5% on a 32 x 32 grid (cells of 16 x 4 / 4 x 16):
+band of 4, rank 13, butterfly with 3 factors, 128 random cells; combinations of a 3-cells-per-
+row part with rank 3 (12.3%); results in ``fig12_components_low.*``.
 
 Every pattern runs as masked dense math (:class:`baselines.static_masks.MaskedLinear`, the same
 code and init rule for all), so only the pattern differs; this measures accuracy, not speed.
@@ -56,6 +61,17 @@ PATTERNS: dict[str, dict | None] = {
     "random + low rank": {"random": 48, "rank": 6},
     "butterfly + low rank (Pixelfly)": {"butterfly": 2, "rank": 6},
 }
+#: The same components at about 12.5% on a 32 x 32 grid (``--low``).
+PATTERNS_LOW: dict[str, dict | None] = {
+    "dense": None,
+    "local": {"band": 4},
+    "global (low rank)": {"rank": 13},
+    "butterfly": {"butterfly": 3},
+    "random": {"random": 128},
+    "local + global": {"band": 3, "rank": 3},
+    "random + low rank": {"random": 96, "rank": 3},
+    "butterfly + low rank (Pixelfly)": {"butterfly": 2, "rank": 3},
+}
 
 
 def cells(pattern: dict, n: int, seed: int):
@@ -70,7 +86,7 @@ def cells(pattern: dict, n: int, seed: int):
 
 def make(name: str, cfg: dict, seed: int) -> torch.nn.Module:
     model = C.build("mixer", seed, width=cfg["width"], depth=cfg["depth"])
-    pattern = PATTERNS[name]
+    pattern = cfg["patterns"][name]
     if pattern is None:
         return model
     j = 0
@@ -102,14 +118,20 @@ def one_run(name: str, cfg: dict, seed: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = C.parser(__doc__, "fig12_components").parse_args(argv)
+    ap = C.parser(__doc__, "fig12_components")
+    ap.add_argument("--low", action="store_true", help="the components at ~12.5%% (32x32 grid)")
+    args = ap.parse_args(argv)
     out = C.setup(args)
     cfg = dict(QUICK if args.quick else FULL)
+    cfg["patterns"] = PATTERNS_LOW if args.low else PATTERNS
+    cfg["stem"] = "fig12_components_low" if args.low else "fig12_components"
+    if args.low:
+        cfg["grid"] = 32
     seeds = list(range(args.seeds or cfg["seeds"]))
-    jobs = [(name, cfg, s) for name in PATTERNS for s in seeds]
+    jobs = [(name, cfg, s) for name in cfg["patterns"] for s in seeds]
     runs = C.run_jobs(one_run, jobs, args.jobs)
-    res = {"config": cfg, "patterns": PATTERNS, "runs": runs}
-    (out / "fig12_components.json").write_text(json.dumps(res, indent=1))
+    res = {"config": cfg, "runs": runs}
+    (out / f"{cfg['stem']}.json").write_text(json.dumps(res, indent=1))
     report(out, cfg, seeds, res)
     return 0
 
@@ -125,7 +147,7 @@ def report(out: Path, cfg: dict, seeds: list[int], res: dict) -> None:
 
     px = "butterfly + low rank (Pixelfly)"
     rows = []
-    for name, pattern in PATTERNS.items():
+    for name, pattern in cfg["patterns"].items():
         what = "-" if pattern is None else ", ".join(f"{k} {v}" for k, v in pattern.items())
         rows.append(
             [
@@ -141,7 +163,7 @@ def report(out: Path, cfg: dict, seeds: list[int], res: dict) -> None:
         )
     head = ["pattern", "parts", "density", "test acc %", "Pixelfly vs it", "it vs dense"]
     C.write_md(
-        out / "fig12_components.md",
+        out / f"{cfg['stem']}.md",
         "Figure 12 (CPU scale): sparsity-pattern components, Mixer on digits",
         seeds,
         "scikit-learn's 8x8 digits (1797 images, fixed 1297 / 500 split), 2x2 patches "
@@ -164,15 +186,15 @@ def report(out: Path, cfg: dict, seeds: list[int], res: dict) -> None:
             "larger of the two).",
         ],
     )
-    names = list(PATTERNS)
+    names = list(cfg["patterns"])
     ms = [C.mean_std(acc(n)) for n in names]
     lo, hi = min(m - s for m, s in ms), max(m + s for m, s in ms)
     ylim = (lo - 1.2 * (hi - lo) - 0.1, hi + 0.1)  # room below the points for the legend
     C.plot(
-        out / "fig12_components.png",
+        out / f"{cfg['stem']}.png",
         [
             {
-                "title": "final test accuracy by pattern (density ~0.25)",
+                "title": f"final test accuracy by pattern (density ~{dens(names[1]):.3g})",
                 "xlabel": "pattern (index, see table)",
                 "ylabel": "test acc %",
                 "ylim": ylim,
@@ -188,7 +210,8 @@ def report(out: Path, cfg: dict, seeds: list[int], res: dict) -> None:
                 "series": {n: C.curve_stats([r for r in runs if r["pattern"] == n]) for n in names},
             },
         ],
-        "Mixer on digits: pattern components at ~25% density (mean ± std over seeds)",
+        f"Mixer on digits: pattern components at ~{dens(names[1]):.1%} density "
+        "(mean ± std over seeds)",
     )
 
 

@@ -199,3 +199,12 @@ def test_quick_runs(module, tmp_path):
         assert "rigl" in md and "random blocks" in md and "unstructured" in md
     if module == "fig12_components":
         assert "butterfly + low rank (Pixelfly)" in md and "local + global" in md
+
+
+@pytest.mark.slow
+def test_fig12_low_density_quick(tmp_path):
+    from experiments import fig12_components as f12
+
+    assert f12.main(["--quick", "--low", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "fig12_components_low.md").read_text()
+    assert "32x32 cell grid" in md and "| random | random 128 | 0.1250 |" in md
