@@ -63,8 +63,14 @@ def parser(doc: str, out: str) -> argparse.ArgumentParser:
     return p
 
 
-def setup(args: argparse.Namespace) -> Path:
-    """Threads, quick-mode settings; returns the output folder (created)."""
+_ARGV: list[str] | None = None  # the script's arguments when main(argv) was called
+
+
+def setup(args: argparse.Namespace, argv: list[str] | None = None) -> Path:
+    """Threads, quick-mode settings, the command line to report (``argv`` when the script's
+    ``main(argv)`` was called in-process); returns the output folder (created)."""
+    global _ARGV
+    _ARGV = None if argv is None else [str(ROOT / "experiments" / f"{args.name}.py"), *argv]
     torch.set_num_threads(args.threads)
     if args.quick:  # no torch.compile of the sparse kernels in smoke runs
         os.environ.setdefault("PXCOMPILE_NO_COMPILE", "1")
@@ -77,11 +83,34 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_jobs(fn: Callable, jobs: list[tuple], workers: int = 1) -> list:
+def _cached(fn: Callable, path: str | None, args: tuple):
+    """``fn(*args)``, read from / written to the JSON file ``path`` when given (a rerun
+    resumes); one retry after a pause (a shared working tree may be mid-edit)."""
+    import json
+
+    if path and Path(path).exists():
+        return json.loads(Path(path).read_text())
+    try:
+        r = fn(*args)
+    except Exception as e:  # noqa: BLE001
+        log(f"job failed ({type(e).__name__}: {e}); retrying once in 60 s")
+        time.sleep(60)
+        r = fn(*args)
+    if path:
+        Path(path).write_text(json.dumps(r))
+    return r
+
+
+def run_jobs(fn: Callable, jobs: list[tuple], workers: int = 1, cache: Path | None = None):
     """``[fn(*a) for a in jobs]``, in ``workers`` processes (spawned, one torch thread each)
-    when ``workers > 1``; ``fn`` must be a module-level function of the script."""
+    when ``workers > 1``; ``fn`` must be a module-level function of the script. With
+    ``cache`` (a folder), each result is kept as ``cache/<job index>.json`` and reused."""
+    if cache is not None:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+    paths = [str(Path(cache) / f"{i}.json") if cache else None for i in range(len(jobs))]
+    items = [(fn, p, a) for p, a in zip(paths, jobs)]
     if workers <= 1 or len(jobs) <= 1:
-        return [fn(*a) for a in jobs]
+        return [_cached(*it) for it in items]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -89,12 +118,12 @@ def run_jobs(fn: Callable, jobs: list[tuple], workers: int = 1) -> list:
     n = min(workers, len(jobs))
     init = (torch.get_num_threads(),)
     with ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init, initargs=init) as ex:
-        return list(ex.map(fn, *zip(*jobs)))
+        return list(ex.map(_cached, *zip(*items)))
 
 
 def command_line() -> str:
     """The command that ran this process, with the script path relative to the repository."""
-    argv = list(sys.argv)
+    argv = list(sys.argv if _ARGV is None else _ARGV)
     try:
         argv[0] = str(Path(argv[0]).resolve().relative_to(ROOT))
     except ValueError:

@@ -142,9 +142,9 @@ def test_check_compiled_api():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 64))
     x = torch.randn(4, 64)
-    gm = pxcompile.sparsify(model, 0.5, block=16, example_inputs=(x,))
+    gm = pxcompile.sparsify(model, 0.5, block=16, example_inputs=(x,), init="dense")
     res = check_compiled(model, gm, (x,), warn_above=0.9)
     assert [lc.name for lc in res.layers] == list(gm.pxcompile_layers)
     assert res.poor == []
-    full = pxcompile.sparsify(model, 1.0, block=16, example_inputs=(x,))
+    full = pxcompile.sparsify(model, 1.0, block=16, example_inputs=(x,), init="dense")
     assert check_compiled(model, full, (x,)).output_error < 0.9
