@@ -110,7 +110,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
         metavar="NAME|FILE",
         default=None,
         help="how the mapping pass prices patterns: calibrated-cpu (default; fitted to this "
-        "project's CPU measurements), flops+blocks, or a file from `pxcompile calibrate -o FILE`",
+        "project's CPU measurements), flops+blocks, gpu (a roofline prediction for H100-class "
+        "GPUs, not yet measured), or a file from `pxcompile calibrate -o FILE`",
     )
     g.add_argument(
         "--strict", action="store_true", help="fail (exit 3) when the budget is not attainable"
