@@ -39,6 +39,9 @@ DEFAULT_IMAGE = 224
 OPTIONS = ("batch", "seq", "size")  # ,key=N after a spec
 _OPTION_RE = re.compile(r"(?:,(?:" + "|".join(OPTIONS) + r")=[^,]*)+$")
 _MAX_CONFIG_BYTES = 1 << 20
+# Building a model of N layers (even on meta) costs Python objects per layer: a config from a
+# stranger must not ask for a million. The deepest published models have about 128 layers.
+MAX_CONFIG_LAYERS = 1024
 _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx")
 
 
@@ -168,7 +171,25 @@ def _read_config(spec: ModelSpec) -> dict:
             f"{where}: {path} is not a Hugging Face config (no model_type): give the "
             "config.json of a transformers model"
         )
+    _check_layer_counts(data, f"{where}: {path}")
     return data
+
+
+def _check_layer_counts(data: dict, where: str, prefix: str = "") -> None:
+    """A layer count (an int under a key naming layers, nested configs included) above
+    MAX_CONFIG_LAYERS is a one-line error, before anything is built."""
+    for key, value in data.items():
+        if isinstance(value, dict):
+            _check_layer_counts(value, where, f"{prefix}{key}.")
+        elif (
+            "layer" in str(key)
+            and isinstance(value, int)
+            and not isinstance(value, bool)
+            and value > MAX_CONFIG_LAYERS
+        ):
+            raise PxError(
+                f"{where}: {prefix}{key} = {value:,} layers is more than {MAX_CONFIG_LAYERS:,}"
+            )
 
 
 def _hf_config(spec: ModelSpec) -> Any:

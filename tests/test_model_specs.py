@@ -176,6 +176,8 @@ def test_parse_and_names(tmp_path):
         ("hf:{tmp}/nottype", "not a Hugging Face config (no model_type)"),
         ("hf:{tmp}/unknown", "model_type 'lama' is not one transformers"),
         ("hf:{tmp}/dunder", "config key '__class__'"),
+        ("hf:{tmp}/deep", "num_hidden_layers = 100,000 layers is more than 1,024"),
+        ("hf:{tmp}/deepnested", "text_config.num_layers = 5,000 layers is more than"),
         ("hf:", "give a path after hf:"),
         ("hf:{tmp}/nottype,seq=0", "seq must be a positive integer"),
         ("timm:resnet5", "did you mean resnet50"),
@@ -191,6 +193,8 @@ def test_mistakes_are_one_line(tmp_path, spec, needle):
     write_config(tmp_path / "nottype", {"hidden_size": 8})
     write_config(tmp_path / "unknown", {"model_type": "lama"})
     write_config(tmp_path / "dunder", {"model_type": "gpt2", "__class__": 1})
+    write_config(tmp_path / "deep", {"model_type": "llama", "num_hidden_layers": 100_000})
+    write_config(tmp_path / "deepnested", {"model_type": "x", "text_config": {"num_layers": 5000}})
     with pytest.raises(PxError) as e:
         build_model(spec.format(tmp=tmp_path))
     msg = str(e.value)
