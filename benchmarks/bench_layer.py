@@ -7,11 +7,13 @@ both see the same machine load. Absolute times are printed only as context.
     python benchmarks/bench_layer.py            # full table (a few minutes)
     python benchmarks/bench_layer.py --quick    # fewer cases and repetitions
     python benchmarks/bench_layer.py --eager    # no torch.compile (same as PXCOMPILE_NO_COMPILE=1)
+    python benchmarks/bench_layer.py --kernel gather   # force a CPU kernel (default: the layer's)
 
 Columns: ``dense ms`` (context only), ``masked`` (dense GEMM on ``W * mask``, the reference),
 ``bsr`` (torch sparse BSR weight, forward only), ``px fwd`` (no-grad forward), ``px f+b``
 (forward + backward of input and all parameters, against dense forward + backward), ``ideal``
-(1 / density, low-rank included), ``frac`` (px fwd / ideal), ``path`` (auto dispatch choice).
+(1 / density, low-rank included), ``frac`` (px fwd / ideal), ``kernel`` (the CPU kernel:
+``gather`` or ``grouped``, see pxcompile.kernels.cpu) and ``path`` (auto dispatch choice).
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ CASES = [
     # plans it at budget 0.3 (issue #12.3): the layer pads its input and slices its output
     ("196->384 pad 256x512", 196, 384, 6144, PatternSpec(8, 1, 32, 0, 512, 256), True),
     ("384->196 pad 384x384", 384, 196, 6144, PatternSpec(12, 1, 32, 0, 384), True),
+    # Block-diagonal patterns (f = 1), which the grouped kernel runs as one matmul per group
+    ("768->3072 d.25 f1", 768, 3072, 1568, PatternSpec(8, 1, 32), True),
+    ("3072->768 d.25 f1", 3072, 768, 1568, PatternSpec(8, 1, 32), True),
+    ("768->3072 d.25 f1 r16", 768, 3072, 1568, PatternSpec(8, 1, 32, 16), True),
+    ("196->384 pad 256x384", 196, 384, 6144, PatternSpec(4, 1, 32, 0, 0, 256), True),
+    ("384->196 pad 256x384", 384, 196, 6144, PatternSpec(4, 1, 32, 0, 256), True),
+    ("196->384 pad 256x384 r8", 196, 384, 6144, PatternSpec(4, 1, 32, 8, 0, 256), True),
 ]
 QUICK = {
     "768->3072 d.167",
@@ -71,10 +80,12 @@ def reps_for(rows: int, quick: bool) -> int:
     return max(3, r // 3) if quick else r
 
 
-def run_case(label, fin, fout, rows, spec, backward, quick):
+def run_case(label, fin, fout, rows, spec, backward, quick, kernel=None):
     torch.manual_seed(0)
     lin = torch.nn.Linear(fin, fout)
     layer = PixelflyLinear.from_dense(lin.weight.detach(), lin.bias.detach(), spec)
+    if kernel:
+        layer.execution = kernel
     mask = layer.mask()
     w, b = lin.weight.detach(), lin.bias.detach()
     x = torch.randn(rows, fin)
@@ -123,7 +134,7 @@ def run_case(label, fin, fout, rows, spec, backward, quick):
     ideal = 1.0 / spec.density(fin, fout)
     path = layer.choose_path(rows)
     return (label, f"{dense_ms:.2f}", f"{r_mask:.2f}", r_bsr, f"{r_fwd:.2f}", r_fb,
-            f"{ideal:.2f}", f"{r_fwd / ideal:.2f}", path)  # fmt: skip
+            f"{ideal:.2f}", f"{r_fwd / ideal:.2f}", layer.execution, path)  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -132,22 +143,26 @@ def main(argv=None) -> None:
     ap.add_argument("--eager", action="store_true", help="never compile")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="", help="substring filter on case labels")
+    ap.add_argument("--kernel", choices=("gather", "grouped"), help="force this CPU kernel")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.eager:
         L.COMPILE = False
     cases = [c for c in CASES if (not args.quick or c[0] in QUICK) and args.only in c[0]]
-    head = ("case", "dense ms", "masked", "bsr", "px fwd", "px f+b", "ideal", "frac", "path")
-    widths = (22, 9, 7, 6, 7, 7, 6, 5, 9)
+    head = ("case", "dense ms", "masked", "bsr", "px fwd", "px f+b", "ideal", "frac", "kernel")
+    head += ("path",)
+    widths = (23, 9, 7, 6, 7, 7, 6, 5, 7, 9)
     print(f"torch {torch.__version__}, {args.threads} threads, compile={L.compile_available()}")
+    print(f"load average {os.getloadavg()[0]:.2f} at the start")
     print("ratios = dense time / time (higher is faster); medians of paired runs")
     print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths))))
     for case in cases:
-        row = run_case(*case, quick=args.quick)
+        row = run_case(*case, quick=args.quick, kernel=args.kernel)
         print(
             "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))),
             flush=True,
         )
+    print(f"load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,17 @@ Each mode's backward uses the other's data movement with the same index (the adj
 gather with an XOR index is a gather with the same index followed by a sum), so neither pass
 ever needs a serial ``index_put`` with accumulation.
 
-Execution paths (see :func:`PixelflyLinear.forward`):
+Two CPU kernels run this layout (``PixelflyLinear.execution``, chosen per layer by the CPU
+cost model, :func:`pxcompile.passes.cost_cpu.cpu_execution`):
+
+* ``"grouped"`` (:mod:`pxcompile.kernels.cpu.grouped`): the pattern never links two groups
+  of ``2^f`` cells, so the layer is block-diagonal in those groups; one plain matmul per group
+  on column slices of ``x`` and ``y`` (the cells a group drops multiplied as zeros, the
+  weight assembled from ``blocks`` at each call). It needs no padding copy: its groups are cut
+  to the real sides. The paths and tiles below do not apply to it.
+* ``"gather"`` (:mod:`pxcompile.kernels.cpu.linear`): the gather / scatter modes above.
+
+Execution paths of the gather kernel (see :func:`PixelflyLinear.forward`):
 
 * ``"eager"``: plain PyTorch ops inside a hand-written :class:`torch.autograd.Function`.
 * ``"compiled"``: the same, with the memory-bound steps around each batched matmul (the XOR
@@ -67,6 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pxcompile.kernels import select
+from pxcompile.kernels.cpu.grouped import group_layout, grouped_linear
 from pxcompile.kernels.cpu.linear import (
     PixelflyLinearFn,
     clear_workspaces,
@@ -76,6 +87,7 @@ from pxcompile.kernels.cpu.linear import (
     xor_index,
 )
 from pxcompile.nn.weight import WeightViews
+from pxcompile.passes.cost_cpu import cpu_execution
 from pxcompile.patterns import PatternSpec, block_mask
 
 __all__ = [
@@ -186,6 +198,11 @@ class PixelflyLinear(WeightViews, nn.Module):
         self.path: str | None = None
         #: Rows per tile (None: module default ``TILE_ROWS``; 0: never tile).
         self.tile_rows: int | None = None
+        #: The CPU kernel: ``"grouped"`` (a matmul per group of ``2^f`` cells) or ``"gather"``
+        #: (gathered cells, a batched matmul), whichever the CPU cost model predicts faster
+        #: (:func:`~pxcompile.passes.cost_cpu.cpu_execution`); may be set to force one.
+        self.execution: str = cpu_execution(self.out_features, self.in_features, spec)
+        self.groups = group_layout(self.layout, spec, self.in_features, self.out_features)
         self.reset_parameters()
 
     # ---------------------------------------------------------------------------- init
@@ -355,7 +372,7 @@ class PixelflyLinear(WeightViews, nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, density={self.density:.4f} "
             f"(butterfly {self.spec.block_density:.4f}), spec={self.spec}, "
-            f"layout={self.layout.mode}"
+            f"layout={self.layout.mode}, execution={self.execution}"
         ) + "".join(
             f", {t}" for t in [self.spec.padding_text(self.out_features, self.in_features)] if t
         )
@@ -393,6 +410,14 @@ class PixelflyLinear(WeightViews, nn.Module):
             return x.new_zeros(*lead, self.out_features)
         m = x2.shape[0]
         out = self.out_features
+        if self.execution not in ("grouped", "gather"):
+            raise ValueError(f"unknown execution {self.execution!r}")
+        if self.execution == "grouped" and select("linear", x2) != "triton":
+            # real sides: the grouped kernel cuts its groups to them (no padding copy)
+            y = grouped_linear(x2, self.blocks, self.lowrank_u, self.lowrank_v, bias, self.groups)
+            if len(lead) == 1:
+                return y
+            return torch.ops.aten._unsafe_view(y, (*lead, self.out_features))
         if self.spec.padded:  # zeros in, padding out (the kernel runs at the padded sides)
             x2 = F.pad(x2, (0, self.padded_in - self.in_features))
             if bias is not None:

@@ -1,7 +1,9 @@
 """PixelflyLinear against the masked-dense reference: outputs, every gradient, every path.
 
 No test here is timed (see benchmarks/bench_layer.py for speed). The compiled path is only
-exercised by the tests that name it.
+exercised by the tests that name it. Layers here run the gather kernel unless a test asks for
+the grouped one (the ``path`` fixture's "grouped" entry; tests/test_kernels_cpu_grouped.py
+checks it on its own): the cost model would pick grouped for most of these tiny layers.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ PATHS = [
     ("eager-tiled", "eager", 16, 0),
     ("eager-fresh", "eager", 0, 10**9),
     ("eager-tiled-fresh", "eager", 16, 10**9),
+    ("grouped", "eager", 0, 0),
 ]
 
 
@@ -89,10 +92,17 @@ def _grad_of_blocks_as_dense(layer: PixelflyLinear) -> torch.Tensor:
     return probe.block_weight()
 
 
+@pytest.fixture(autouse=True)
+def _gather_kernel(monkeypatch):
+    monkeypatch.setattr(L, "cpu_execution", lambda *a, **k: "gather")
+
+
 @pytest.fixture(params=PATHS, ids=[p[0] for p in PATHS])
-def path(request, monkeypatch):
+def path(request, monkeypatch, _gather_kernel):
     name, p, tile, ws_rows = request.param
     monkeypatch.setattr(K, "WORKSPACE_MIN_ROWS", ws_rows)
+    kernel = "grouped" if name == "grouped" else "gather"
+    monkeypatch.setattr(L, "cpu_execution", lambda *a, **k: kernel)
     return name, p, tile
 
 

@@ -25,6 +25,7 @@ from typing import Protocol
 from ..patterns import MAX_PAD_RATIO, AttentionSpec, PatternSpec
 from ..policy import Policy, Resolved
 from ..schema import Gemm
+from .cost_cpu import CalibratedCost, FlopsBlockCost
 from .cost_gpu import GpuCost
 
 # Choices whose densities differ by less than this (relative) count as "nearly equal".
@@ -51,62 +52,6 @@ class CostModel(Protocol):
     def sparse_cost(self, gemm: Gemm, spec: PatternSpec) -> float:
         """A padded ``spec`` is priced at its padded sides (``spec.sides``)."""
         ...
-
-
-@dataclass(frozen=True)
-class FlopsBlockCost:
-    """FLOPs plus a fixed overhead per kept block and row (the cost of touching a block:
-    gathering it and a short inner loop), which favours fewer, larger blocks per row."""
-
-    block_overhead: float = 512.0  # in FLOP-equivalents per kept block per row
-    name: str = "flops+blocks"
-
-    def dense_cost(self, gemm: Gemm) -> float:
-        return float(gemm.flops)
-
-    def sparse_cost(self, gemm: Gemm, spec: PatternSpec) -> float:
-        o, i = spec.sides(gemm.out_features, gemm.in_features)  # padded, if it is
-        pb = spec.pattern_block
-        kept = spec.kept_blocks(o, i)
-        per_row = 2.0 * (kept * pb * pb + spec.rank * (i + o)) + self.block_overhead * kept
-        return per_row * gemm.rows * gemm.calls
-
-
-@dataclass(frozen=True)
-class CalibratedCost:
-    """FLOPs plus the data movement, per-block and low-rank costs that PixelflyLinear pays on a
-    CPU, in dense-FLOP equivalents per row:
-
-        2 (nnz + lowrank r (in + out))  +  move * narrow * (f + 1)  +  per_block * kept_blocks
-
-    ``narrow * (f + 1)`` is what the layer gathers (or scatter-sums) per row along the
-    weight's narrow side; ``lowrank`` says the low-rank term costs that many times its FLOPs
-    (its extra ops: ``x V^T``, appending ``U``, column sums). Fitted (least squares on log
-    ratios, 8.5% RMS error) to the forward column of ``benchmarks/bench_layer.py`` in
-    benchmarks/RESULTS.md: 768 <-> 3072 at 1568 rows and 1024 <-> 4096 at 4096 rows, 2 threads,
-    fp32, densities 0.125-0.25, blocks 32 and 64, rank 0 and 32, on the project's 2-core CPU
-    near idle. It predicts 2.2-3.7x there where FLOPs alone predict 4-8x.
-    """
-
-    move: float = 200.0
-    per_block: float = 500.0
-    lowrank: float = 2.25
-    name: str = "calibrated-cpu"
-
-    def dense_cost(self, gemm: Gemm) -> float:
-        return float(gemm.flops)
-
-    def sparse_cost(self, gemm: Gemm, spec: PatternSpec) -> float:
-        o, i = spec.sides(gemm.out_features, gemm.in_features)  # padded, if it is
-        pb = spec.pattern_block
-        kept = spec.kept_blocks(o, i)
-        narrow = min(o, i)
-        per_row = (
-            2.0 * (kept * pb * pb + self.lowrank * spec.rank * (i + o))
-            + self.move * narrow * (spec.factors + 1)
-            + self.per_block * kept
-        )
-        return per_row * gemm.rows * gemm.calls
 
 
 # Pixelfly attention runs at about 1 / (2.2 x kept work) of dense SDPA's time on the project's
@@ -234,26 +179,40 @@ def _ranks(
     cap = min(o, i) // 2
     if resolved.rank is not None:
         return [min(resolved.rank, cap)]
-    # Auto: ranks up to max_auto_rank (lowrank_share of the density and of the time).
+    # Auto: ranks up to max_auto_rank (lowrank_share of the density and of the time), and
+    # at least min_auto_rank.
     step = policy.rank_multiple
     per_rank = (i + o) / (i * o)
-    top = max_auto_rank(gemm, spec, policy.lowrank_share, None)
+    least = min_auto_rank(gemm, spec, policy)
+    top = max(least, max_auto_rank(gemm, spec, policy.lowrank_share, None))
     # Ranks outside [floor, ceiling] are never chosen: skip them (a step of slack each side,
     # the menu checks the bounds exactly).
     bd = spec.block_density
     lo = max(0, (math.ceil((resolved.floor - bd) / per_rank / step) - 1) * step)
     hi = min(top, (math.floor((resolved.ceiling - bd) / per_rank / step) + 1) * step)
     if hi < lo:
-        return []
+        return [least] if lo <= least <= hi + step else []
     finest = RANK_RESOLUTION * NEAR_EQUAL * bd  # the density step that still matters
     stride = step * max(
         1, math.floor(finest / (per_rank * step)), -(-(hi - lo) // (step * MAX_RANKS))
     )
-    ranks = range(lo, hi + 1, stride)
+    ranks = sorted({max(least, r) for r in range(lo, hi + 1, stride)})
     if cost_model is None:
-        return list(ranks)
-    by_time = max_auto_rank(gemm, spec, policy.lowrank_share, cost_model)
+        return ranks
+    by_time = max(least, max_auto_rank(gemm, spec, policy.lowrank_share, cost_model))
     return [r for r in ranks if r <= by_time]
+
+
+def min_auto_rank(gemm: Gemm, spec: PatternSpec, policy: Policy) -> int:
+    """The least rank ``rank: auto`` gives ``spec``: where its butterfly is block-diagonal
+    (``2^f < n``: no kept cell links two groups of ``2^f`` cells, so without a low-rank term
+    the layer splits into separate narrow layers), ``rank_multiple``, or less where that is
+    more than ``lowrank_share`` of the density allows (at least 1); else 0. Also 0 when the
+    policy gives the low-rank term no share."""
+    if policy.lowrank_share <= 0 or spec.butterfly >> spec.factors <= 1:
+        return 0
+    by_density = max_auto_rank(gemm, spec, policy.lowrank_share, None)
+    return max(1, min(policy.rank_multiple, by_density))
 
 
 def attention_menu(gemm: Gemm, policy: Policy, resolved: Resolved) -> list[Choice]:
@@ -450,8 +409,8 @@ def padded_choices(
                     padded_out=po if po != o else 0,
                     padded_in=pi if pi != i else 0,
                 )
-                if spec.misfit(o, i, block):
-                    continue  # a rank above the real narrow side
+                if spec.misfit(o, i, block) or spec.unreached(o, i):
+                    continue  # a rank above the real narrow side, or dead rows or columns
                 d = spec.density(i, o)
                 cost = cost_model.sparse_cost(gemm, spec)
                 if d >= 1.0 or (faster_only and not dense > min_speedup(policy) * cost):
