@@ -144,6 +144,42 @@ class PatternSpec:
         pad = po * pi / (out_features * in_features)
         return self.block_density * pad + self.lowrank_density(in_features, out_features)
 
+    def unreached(self, out_features: int, in_features: int) -> str:
+        """Why a padded pattern is not worth laying ('' if it is): a whole group of ``2^f``
+        cells of padding on a side (the groups never mix, so it only adds density), a real
+        output cell whose kept cells all lie in the input's padding (its outputs would see no
+        input), or a real input cell read only by padded outputs.
+
+        Example:
+            >>> PatternSpec(12, 2, 32, padded_in=384).unreached(384, 196)
+            "'in' padded 196->384: a whole group of 128 is padding"
+            >>> PatternSpec(4, 2, 32, padded_in=256).unreached(256, 60)
+            'output rows 192-255 read only padding'
+            >>> PatternSpec(4, 1, 32, padded_in=256).unreached(384, 196)
+            ''
+        """
+        po, pi = self.sides(out_features, in_features)
+        n = self.butterfly
+        groups = n >> self.factors
+        for side, real, pad in (("out", out_features, po), ("in", in_features, pi)):
+            if pad - real >= pad // groups:  # a smaller padding lays the same pattern
+                return f"'{side}' padded {real}->{pad}: a whole group of {pad // groups} is padding"
+        co, ci = po // n, pi // n
+        steps = [0] + [1 << k for k in range(self.factors)]
+        real_out = -(-out_features // co)  # cells holding a real row
+        real_in = -(-in_features // ci)
+        for a in range(real_out):
+            if all((a ^ s) >= real_in for s in steps):
+                return (
+                    f"output rows {a * co}-{min((a + 1) * co, out_features) - 1} read only padding"
+                )
+        for j in range(real_in):
+            if all((j ^ s) >= real_out for s in steps):
+                return (
+                    f"input columns {j * ci}-{min((j + 1) * ci, in_features) - 1} feed only padding"
+                )
+        return ""
+
     def misfit(self, out_features: int, in_features: int, block: int) -> str | None:
         """Why this pattern can't be laid on an ``out x in`` weight with hardware block
         ``block`` (None if it can)."""

@@ -9,6 +9,7 @@ import pytest
 # rows), which the calibrated cost model rightly predicts slower than dense at every density,
 # must still be sparsified to test the rewrite, kernels, save/load and training.
 PLANNER_MODULES = {
+    "test_bench_gpu",
     "test_budget",
     "test_cli",
     "test_cost_gpu",

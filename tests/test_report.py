@@ -234,8 +234,19 @@ def test_padded_layers_say_how_they_are_padded():
     p = plan_schema(s, 0.4, 32, cost_model=FlopsBlockCost())
     lp = p["tok"]
     assert lp.pattern.padded and lp.padding.startswith("padded ")
-    row = next(line for line in render(p).splitlines() if line.startswith("│ tok"))
-    assert lp.padding in row and f"{lp.density:.4f}" in row
+    lines = render(p).splitlines()
+    at = next(k for k, line in enumerate(lines) if line.startswith("│ tok"))
+    row = lines[at]
+    assert f"{lp.density:.4f}" in row
+    # the why column, which wraps onto the row's next lines
+    why_col = [c.strip() for c in lines[at - 2].split("┃")].index("why")
+    cells = []
+    for line in lines[at:]:
+        parts = line.split("│")
+        if len(parts) <= why_col or (line is not row and parts[1].strip()):
+            break
+        cells.append(parts[why_col].strip())
+    assert lp.padding in " ".join(cells)
     d = report.plan_json(p)["layers"][0]
     assert d["padding"] == lp.padding and d["density"] == lp.density
     assert d["pattern"] == lp.pattern.to_dict() and d["sparse_flops"] == lp.flops
