@@ -102,16 +102,21 @@ def compare(dense: nn.Module, compiled: nn.Module, inputs: Inputs, repeats: int 
     return Comparison(fwd, trn, nc / nd, (fd * 1e3, fc * 1e3), (td * 1e3, tc * 1e3))
 
 
-def layer_ratio(gemm: Gemm, spec: PatternSpec, repeats: int = 3) -> float:
+def layer_ratio(
+    gemm: Gemm, spec: PatternSpec, repeats: int = 3, execution: str | None = None
+) -> float:
     """Pixelfly / dense forward time (no grad) of one layer of ``gemm``'s shape at its rows:
-    ``F.linear`` against a :class:`~pxcompile.layers.PixelflyLinear` with ``spec``, median of
-    back-to-back pairs (a first pair warms up, and compiles where the layer compiles)."""
+    ``F.linear`` against a :class:`~pxcompile.layers.PixelflyLinear` with ``spec`` (running
+    ``execution``'s CPU kernel when given, else the one it picks), median of back-to-back
+    pairs (a first pair warms up, and compiles where the layer compiles)."""
     from .layers import PixelflyLinear
 
     torch.manual_seed(0)
     o, i = gemm.out_features, gemm.in_features
     w, b = torch.randn(o, i) / i**0.5, torch.zeros(o)
     layer = PixelflyLinear(i, o, spec)
+    if execution is not None:
+        layer.execution = execution
     x = torch.randn(max(1, gemm.rows), i)
 
     def dense() -> None:

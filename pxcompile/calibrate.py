@@ -24,7 +24,7 @@ import torch
 
 from .bench import layer_ratio
 from .errors import PxError
-from .passes.mapping import COST_MODELS, CalibratedCost, patterns, predicted_speedup
+from .passes.mapping import COST_MODELS, CalibratedCost, patterns
 from .patterns import PatternSpec
 from .schema import Gemm, LayerType
 
@@ -42,6 +42,7 @@ class Point:
     gemm: Gemm
     spec: PatternSpec
     ratio: float  # measured sparse time / dense time (1 / speedup)
+    execution: str = "gather"  # the CPU kernel timed: "gather" or "grouped"
 
 
 def specs_for(out_features: int, in_features: int, block: int = 32) -> list[PatternSpec]:
@@ -66,9 +67,10 @@ def specs_for(out_features: int, in_features: int, block: int = 32) -> list[Patt
 
 def plan_points(
     shapes: Sequence[tuple[int, int]], rows: Sequence[int], block: int = 32
-) -> list[tuple[Gemm, PatternSpec]]:
-    """The (GEMM, pattern) pairs to time, interleaved so a time limit still covers every
-    shape, pattern block and rank."""
+) -> list[tuple[Gemm, PatternSpec, str]]:
+    """The (GEMM, pattern, kernel) triples to time, interleaved so a time limit still covers
+    every shape, pattern block, rank and kernel: each pattern under the gather kernel, and
+    those with ``f <= 2`` (at most a third of a group wasted) under the grouped one too."""
     per_shape = []
     for o, i in shapes:
         specs = specs_for(o, i, block)
@@ -76,7 +78,9 @@ def plan_points(
             raise PxError(f"calibrate: no butterfly pattern fits {o}x{i} at block {block}")
         for r in rows:
             g = Gemm(f"{o}x{i}@{r}", LayerType.MLP, i, o, rows=r)
-            per_shape.append([(g, s) for s in specs])
+            todo = [(g, s, "gather") for s in specs]
+            todo += [(g, s, "grouped") for s in specs if s.factors <= 2]
+            per_shape.append(todo)
     out = []
     for k in range(max(len(p) for p in per_shape)):
         out += [p[k] for p in per_shape if k < len(p)]
@@ -84,7 +88,7 @@ def plan_points(
 
 
 def measure(
-    todo: Sequence[tuple[Gemm, PatternSpec]],
+    todo: Sequence[tuple[Gemm, PatternSpec, str]],
     repeats: int = 3,
     time_limit: float = TIME_LIMIT,
     progress: Callable[[int, int], None] | None = None,
@@ -92,10 +96,10 @@ def measure(
     """Time each pair until ``time_limit`` seconds have passed (at least three points)."""
     start = time.perf_counter()
     out: list[Point] = []
-    for k, (g, s) in enumerate(todo):
+    for k, (g, s, ex) in enumerate(todo):
         if len(out) >= 3 and time.perf_counter() - start > time_limit:
             break
-        out.append(Point(g, s, layer_ratio(g, s, repeats)))
+        out.append(Point(g, s, layer_ratio(g, s, repeats, ex), ex))
         if progress:
             progress(k + 1, len(todo))
     return out
@@ -113,12 +117,16 @@ def _terms(p: Point) -> tuple[np.ndarray, float]:
 
 
 def predict(model: CalibratedCost, p: Point) -> float:
-    """The model's sparse / dense time ratio for ``p``."""
-    return 1.0 / predicted_speedup(p.gemm, p.spec, model)
+    """The model's sparse / dense time ratio for ``p`` under the kernel it timed."""
+    o, i = p.gemm.out_features, p.gemm.in_features
+    row = model.grouped_row_cost if p.execution == "grouped" else model.gather_row_cost
+    return row(o, i, p.spec) / (2.0 * o * i)
 
 
 def fit(points: Sequence[Point], name: str = "calibrated") -> tuple[CalibratedCost, float]:
     """Least squares on log time ratios; returns the model and its RMS log error."""
+    grouped = [p for p in points if p.execution == "grouped"]
+    points_all, points = points, [p for p in points if p.execution != "grouped"]
     if len(points) < 3:
         raise PxError(f"calibrate: need at least 3 measurements, got {len(points)}")
     rows = [_terms(p) for p in points]
@@ -143,8 +151,30 @@ def fit(points: Sequence[Point], name: str = "calibrated") -> tuple[CalibratedCo
         if np.abs(step).max() <= 1e-9 * max(1.0, np.abs(x).max()):
             break
     x[2] = max(x[2], 1e-3)  # a zero low-rank factor is not a cost model
-    model = CalibratedCost(move=float(x[0]), per_block=float(x[1]), lowrank=float(x[2]), name=name)
-    return model, rms_log_error(model, points)
+    model = CalibratedCost(
+        move=float(x[0]),
+        per_block=float(x[1]),
+        lowrank=float(x[2]),
+        group_move=_fit_group_move(grouped, float(x[2])),
+        name=name,
+    )
+    return model, rms_log_error(model, points_all)
+
+
+def _fit_group_move(points: Sequence[Point], lowrank: float) -> float:
+    """``group_move`` from grouped-kernel timings (the shipped one without any): least
+    squares on relative error, with the low-rank factor fitted on the gather kernel."""
+    default = CalibratedCost(lowrank=lowrank)
+    if not points:
+        return default.group_move
+    num = den = 0.0
+    for p in points:
+        o, i = p.gemm.out_features, p.gemm.in_features
+        base = default.grouped_row_cost(o, i, p.spec) - default.group_move * (i + o)
+        a = (i + o) / (2.0 * o * i) / p.ratio
+        r = (p.ratio - base / (2.0 * o * i)) / p.ratio
+        num, den = num + a * r, den + a * a
+    return max(0.0, num / den) if den > 0 else default.group_move
 
 
 def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -253,7 +283,8 @@ def print_table(model: CalibratedCost, points: Sequence[Point], fit: dict, conso
     shipped = COST_MODELS["calibrated-cpu"]
     assert isinstance(shipped, CalibratedCost)
     t = Table(title=f"{model.name}: dense / Pixelfly forward time", title_justify="left")
-    for col in ("shape", "rows", "pattern n/f/pb", "rank", "measured x", "fitted x", "shipped x"):
+    cols = ("shape", "rows", "pattern n/f/pb", "rank", "kernel", "measured x", "fitted x")
+    for col in (*cols, "shipped x"):
         t.add_column(col, justify="right")
     for p in points:
         s = p.spec
@@ -262,6 +293,7 @@ def print_table(model: CalibratedCost, points: Sequence[Point], fit: dict, conso
             str(p.gemm.rows),
             f"{s.butterfly}/{s.factors}/{s.pattern_block}",
             str(s.rank),
+            p.execution,
             f"{1 / p.ratio:.2f}",
             f"{1 / predict(model, p):.2f}",
             f"{1 / predict(shipped, p):.2f}",
@@ -269,8 +301,9 @@ def print_table(model: CalibratedCost, points: Sequence[Point], fit: dict, conso
     console.print(t)
     console.print(
         f"fitted: move {model.move:.1f}, per_block {model.per_block:.1f}, lowrank "
-        f"{model.lowrank:.2f} (shipped calibrated-cpu: {shipped.move:g}, {shipped.per_block:g}, "
-        f"{shipped.lowrank:g}); RMS log error {fit['rms_log_error']:.3f} "
+        f"{model.lowrank:.2f}, group_move {model.group_move:.1f} (shipped calibrated-cpu: "
+        f"{shipped.move:g}, {shipped.per_block:g}, {shipped.lowrank:g}, "
+        f"{shipped.group_move:g}); RMS log error {fit['rms_log_error']:.3f} "
         f"(shipped: {fit['shipped_rms_log_error']:.3f}) over {fit['points']} layers, "
         f"{fit['threads']} threads, {fit['seconds']:.0f} s",
         highlight=False,

@@ -6,6 +6,7 @@
     move: 180.5                 # dense-FLOP equivalents per gathered element
     per_block: 420.0            # ... per kept block
     lowrank: 2.1                # the low-rank term costs this many times its FLOPs
+    group_move: 70.0            # the grouped kernel, per element read and written (optional)
     fit: {points: 24, rms_log_error: 0.07, ...}   # how it was measured (not read back)
 
 Every value is checked on load; a bad file is a one-line error naming the file and the key.
@@ -24,7 +25,9 @@ from .errors import PxError
 from .passes.mapping import COST_MODELS, CalibratedCost, CostModel
 
 KIND = "calibrated"
-PARAMS = ("move", "per_block", "lowrank")
+PARAMS = ("move", "per_block", "lowrank", "group_move")
+#: Files written before the grouped kernel lack these: the shipped value is used.
+OPTIONAL = ("group_move",)
 MAX_FILE_BYTES = 1 << 20
 
 
@@ -57,6 +60,8 @@ def from_data(data: Any, source: str) -> CalibratedCost:
     kw: dict[str, Any] = {}
     for k in PARAMS:
         if k not in data:
+            if k in OPTIONAL:
+                continue
             raise CostModelError(f"{source}: missing {k!r}")
         v = data[k]
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
