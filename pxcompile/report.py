@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import io
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from .errors import PxError
-from .io import atomic_write_bytes
 from .passes.mapping import COST_MODELS, CostModel, FlopsBlockCost, predicted_speedup
 from .plans import Plan
 from .schema import human
@@ -295,35 +292,6 @@ def draw_png_bytes(plan: Plan, max_panels: int = 12) -> bytes:
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return buf.getvalue()
-
-
-def write_outputs(files: dict[str | Path, bytes]) -> None:
-    """Write every output only once all of them have been produced, each atomically.
-
-    Paths are checked first (a directory, or a parent that is a file), so a bad path fails
-    before anything is written; a write that still fails is a one-line PxError, and the
-    files moved into place before it are removed again.
-    """
-    targets = [(Path(p), data) for p, data in files.items()]
-    for path, _ in targets:
-        if path.is_dir():
-            raise PxError(f"{path}: is a directory")
-        for parent in path.parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise PxError(f"{path}: {parent} is not a directory")
-                break
-    done: list[Path] = []
-    try:
-        for path, data in targets:
-            existed = path.exists()
-            atomic_write_bytes(path, data)
-            if not existed:
-                done.append(path)
-    except OSError as e:
-        for p in done:
-            p.unlink(missing_ok=True)
-        raise PxError(f"{path}: cannot write ({e.strerror or type(e).__name__})") from None
 
 
 def print_schema(traced, console: Console | None = None) -> None:

@@ -11,7 +11,6 @@ import pytest
 from rich.console import Console
 
 from pxcompile import report
-from pxcompile.errors import PxError
 from pxcompile.passes.budget import plan_schema
 from pxcompile.plans import Plan
 from pxcompile.policy import Policy
@@ -155,47 +154,6 @@ def test_draw_png():
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     none = plan_schema(ModelSchema("d", [Gemm("h", LayerType.HEAD, 256, 256, rows=1)]), 0.3, 32)
     assert report.draw_png_bytes(none)[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-# -- writing outputs --------------------------------------------------------------------------
-def test_write_outputs(tmp_path):
-    files = {tmp_path / "a.yaml": b"a", tmp_path / "sub" / "b.npz": b"b"}
-    report.write_outputs(files)
-    assert (tmp_path / "a.yaml").read_bytes() == b"a"
-    assert (tmp_path / "sub" / "b.npz").read_bytes() == b"b"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.yaml", "sub"]
-
-
-@pytest.mark.parametrize("bad", ["dir", "under_file"])
-def test_write_outputs_bad_path_writes_nothing(tmp_path, bad):
-    (tmp_path / "dir").mkdir()
-    (tmp_path / "file").write_text("x")
-    target = tmp_path / "dir" if bad == "dir" else tmp_path / "file" / "out.npz"
-    with pytest.raises(PxError) as ei:
-        report.write_outputs({tmp_path / "plan.yaml": b"p", target: b"m"})
-    assert "\n" not in str(ei.value) and str(target) in str(ei.value)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file"]
-    assert list((tmp_path / "dir").iterdir()) == []
-
-
-def test_write_outputs_failure_midway_removes_what_it_wrote(tmp_path, monkeypatch):
-    (tmp_path / "old.yaml").write_text("old")
-    real = report.atomic_write_bytes
-    calls = []
-
-    def flaky(path, data):
-        calls.append(path)
-        if len(calls) == 3:
-            raise PermissionError(13, "Permission denied")
-        real(path, data)
-
-    monkeypatch.setattr(report, "atomic_write_bytes", flaky)
-    with pytest.raises(PxError, match="cannot write"):
-        report.write_outputs(
-            {tmp_path / "old.yaml": b"new", tmp_path / "a.npz": b"a", tmp_path / "b.png": b"b"}
-        )
-    # the new file is gone again; a file that existed before keeps its (new) content whole
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.yaml"]
 
 
 def test_attention_rows_share_and_pictures():
