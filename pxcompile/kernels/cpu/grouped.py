@@ -59,6 +59,11 @@ class GroupLayout:
     def g_in(self) -> int:
         return self.cells * self.layout.c_in
 
+    @property
+    def cut(self) -> bool:
+        """Whether some group is cut short by the real sides (a padded pattern)."""
+        return any(b - a < self.g_in or d - c < self.g_out for a, b, c, d in self.pieces)
+
 
 def group_layout(
     layout: Layout, spec: PatternSpec, in_features: int, out_features: int
@@ -68,57 +73,48 @@ def group_layout(
     return GroupLayout(layout, int(in_features), int(out_features), pieces)
 
 
-def _cell_copies(gl: GroupLayout) -> list[tuple[int, int, int]]:
-    """``(a_local, j_local, base)`` per kept cell position inside a group: cell ``(a, j)``
-    with ``a = g 2^f + a_local``, ``j = g 2^f + j_local`` lies in ``blocks`` at ``base`` plus
-    ``g`` times the group stride (see :meth:`Layout.cell_strides`)."""
+def _kept_cells(blocks: Tensor, gl: GroupLayout) -> dict[tuple[int, int], Tensor]:
+    """``{(a_local, j_local): view}``: each kept cell position inside a group as a strided
+    view ``[groups, c_out, c_in]`` of ``blocks``: cell ``(a, j)`` with ``a = g 2^f + a_local``
+    and ``j = g 2^f + j_local`` (see :meth:`Layout.cell_strides`). No index tensors, and the
+    views are differentiable."""
     lo = gl.layout
-    s_a, s_j, s_k, _, _ = lo.cell_strides()
-    out = []
+    s_a, s_j, s_k, s_o, s_c = lo.cell_strides()
+    step = gl.cells * (s_a + s_j)  # from one group to the next
+    flat = blocks.reshape(-1)
+    out = {}
     for a in range(gl.cells):
         for k in range(lo.f1):
             j = a ^ (0 if k == 0 else 1 << (k - 1))
-            out.append((a, j, a * s_a + j * s_j + k * s_k))
+            base = a * s_a + j * s_j + k * s_k
+            out[a, j] = flat.as_strided((gl.groups, lo.c_out, lo.c_in), (step, s_o, s_c), base)
     return out
 
 
-def _cell_views(blocks: Tensor, w: Tensor, gl: GroupLayout):
-    """Pairs of views ``(in blocks, in w)`` [groups, c_out, c_in], one per kept cell
-    position in a group: strided copies between the two layouts, without index tensors."""
-    lo = gl.layout
-    co, ci = lo.c_out, lo.c_in
-    s_a, s_j, _, s_o, s_c = lo.cell_strides()
-    step = gl.cells * (s_a + s_j)
-    w5 = w.view(gl.groups, gl.cells, co, gl.cells, ci)
-    flat = blocks.reshape(-1)
-    for a, j, base in _cell_copies(gl):
-        yield flat.as_strided((gl.groups, co, ci), (step, s_o, s_c), base), w5[:, a, :, j, :]
+def _group_cells(w: Tensor, gl: GroupLayout) -> Tensor:
+    """``w [groups, g_out, g_in]`` viewed as ``[groups, a_local, c_out, j_local, c_in]``."""
+    return w.view(gl.groups, gl.cells, gl.layout.c_out, gl.cells, gl.layout.c_in)
 
 
 def _build_weight(blocks: Tensor, gl: GroupLayout) -> Tensor:
     """:func:`group_weight` by strided copies into a fresh tensor (no autograd)."""
     kept_all = gl.layout.f1 == gl.cells
-    w = blocks.new_empty if kept_all else blocks.new_zeros
-    w = w((gl.groups, gl.g_out, gl.g_in))
-    for src, dst in _cell_views(blocks, w, gl):
-        dst.copy_(src)
+    w = (blocks.new_empty if kept_all else blocks.new_zeros)((gl.groups, gl.g_out, gl.g_in))
+    w5 = _group_cells(w, gl)
+    for (a, j), cell in _kept_cells(blocks, gl).items():
+        w5[:, a, :, j, :].copy_(cell)
     return w
 
 
 def group_weight(blocks: Tensor, gl: GroupLayout) -> Tensor:
     """The group weights ``[groups, g_out, g_in]`` (padded sides) from the kept ``blocks``,
-    the cells the pattern drops inside a group zero; differentiable (strided views of
-    ``blocks``, concatenated: what autograd, autocast and ``torch.compile`` traces run)."""
+    the cells the pattern drops inside a group zero; differentiable (the strided views of
+    :func:`_kept_cells`, concatenated: what autograd, autocast and ``torch.compile`` run)."""
+    cell = _kept_cells(blocks, gl)
     lo = gl.layout
-    co, ci = lo.c_out, lo.c_in
-    s_a, s_j, _, s_o, s_c = lo.cell_strides()
-    step = gl.cells * (s_a + s_j)
-    flat = blocks.reshape(-1)
-    cell = {
-        (a, j): flat.as_strided((gl.groups, co, ci), (step, s_o, s_c), base)
-        for a, j, base in _cell_copies(gl)
-    }
-    zero = blocks.new_zeros(gl.groups, co, ci) if len(cell) < gl.cells * gl.cells else None
+    zero = None
+    if len(cell) < gl.cells * gl.cells:
+        zero = blocks.new_zeros(gl.groups, lo.c_out, lo.c_in)
     rows = [
         torch.cat([cell.get((a, j), zero) for j in range(gl.cells)], 2)  # [groups, co, g_in]
         for a in range(gl.cells)
@@ -129,8 +125,9 @@ def group_weight(blocks: Tensor, gl: GroupLayout) -> Tensor:
 def _blocks_grad(gw: Tensor, shape: torch.Size, gl: GroupLayout) -> Tensor:
     """The kept cells of the group weights' gradient, in the layout of ``blocks`` (``shape``)."""
     g = gw.new_empty(shape)
-    for dst, src in _cell_views(g, gw, gl):
-        dst.copy_(src)
+    gw5 = _group_cells(gw, gl)
+    for (a, j), cell in _kept_cells(g, gl).items():
+        cell.copy_(gw5[:, a, :, j, :])
     return g
 
 
@@ -193,8 +190,7 @@ class GroupedLinearFn(torch.autograd.Function):
         nx, nw, nu, nv, nb = ctx.needs_input_grad[:5]
         gy = gy.contiguous()
         gx = torch.empty_like(x) if nx else None
-        cut = any(b - a < gl.g_in or d - c < gl.g_out for a, b, c, d in gl.pieces)
-        gw = (torch.zeros_like if cut else torch.empty_like)(w) if nw else None
+        gw = (torch.zeros_like if gl.cut else torch.empty_like)(w) if nw else None
         for g, (a, b, c, d) in enumerate(gl.pieces):
             if b <= a:
                 continue
