@@ -76,3 +76,16 @@ def test_unreadable_files(tmp_path):
 def test_default_name_is_the_file():
     m = cost_file.from_data(GOOD, "dir/cost.yaml")
     assert m.name == "file:cost.yaml" and (m.move, m.per_block, m.lowrank) == (1.0, 2.0, 3.0)
+
+
+def test_group_move_round_trips_is_optional_and_checked(tmp_path):
+    """The grouped kernel's constant: kept through a file, the shipped value when a file
+    written before it lacks it, and a bad value is a one-line error naming the key."""
+    m = CalibratedCost(move=150.5, per_block=320.0, lowrank=1.75, group_move=55.0, name="c")
+    p = tmp_path / "c.yaml"
+    p.write_text(cost_file.dumps(m))
+    assert cost_file.load(p).group_move == 55.0
+    assert cost_file.from_data(GOOD, "old.yaml").group_move == CalibratedCost().group_move
+    for bad in (-1, "fast", True, float("inf"), 1e10):
+        with pytest.raises(CostModelError, match="^x.yaml: 'group_move' must be"):
+            cost_file.from_data({**GOOD, "group_move": bad}, "x.yaml")
