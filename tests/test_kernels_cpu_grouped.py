@@ -20,6 +20,10 @@ CASES = [
     (49, 96, PatternSpec(4, 1, 8, 4, padded_in=64)),  # padded input: a short last group
     (96, 49, PatternSpec(4, 1, 8, 0, padded_out=64)),  # padded output
     (25, 40, PatternSpec(4, 1, 8, 4, padded_out=64, padded_in=32)),  # groups all padding
+    # the low rank fused on the in side (in > out), cut short by padding
+    (96, 49, PatternSpec(4, 1, 8, 4, padded_out=64)),
+    (40, 25, PatternSpec(4, 1, 8, 4, padded_out=32, padded_in=64)),
+    (256, 64, PatternSpec(8, 2, 8, 8)),  # in side, f = 2
 ]
 
 
@@ -72,6 +76,38 @@ def _dense_from_blocks_grad(layer: PixelflyLinear) -> torch.Tensor:
         out = layer.block_weight().detach().clone()
         layer.blocks.copy_(saved)
     return out
+
+
+@pytest.mark.parametrize(
+    ("fin", "fout", "spec"),
+    [
+        (64, 128, PatternSpec(4, 1, 8, 4)),  # low rank fused on the out side
+        (128, 64, PatternSpec(4, 1, 8, 4)),  # on the in side
+        (40, 25, PatternSpec(4, 1, 8, 4, padded_out=32, padded_in=64)),  # in side, cut
+    ],
+)
+@pytest.mark.parametrize("frozen", ["x", "blocks", "lowrank", "blocks+lowrank_v", "x+blocks"])
+def test_grouped_partial_gradients_match_the_gather_kernel(fin, fout, spec, frozen):
+    """Frozen parts (an input without grad, frozen blocks or factors) take other branches of
+    the fused backward: what is still trained gets the same gradient as with the gather
+    kernel."""
+    grouped, gather = _pair(fin, fout, spec, True)
+    x = torch.randn(13, fin, dtype=torch.float64)
+    xs = [x.clone().requires_grad_("x" not in frozen) for _ in range(2)]
+    for layer in (grouped, gather):
+        layer.blocks.requires_grad_("blocks" not in frozen)
+        layer.lowrank_u.requires_grad_(frozen not in ("lowrank",))
+        layer.lowrank_v.requires_grad_("lowrank" not in frozen)
+    gy = torch.randn(13, fout, dtype=torch.float64)
+    for layer, xi in zip((grouped, gather), xs, strict=True):
+        (layer(xi) * gy).sum().backward()
+    if "x" not in frozen:
+        torch.testing.assert_close(xs[0].grad, xs[1].grad)
+    ref = dict(gather.named_parameters())
+    for name, p in grouped.named_parameters():
+        assert (p.grad is None) == (ref[name].grad is None), name
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, ref[name].grad)
 
 
 def test_group_weight_holds_each_kept_block_once_and_zeros_elsewhere():
