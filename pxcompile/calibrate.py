@@ -2,9 +2,10 @@
 
 It times a few layer shapes, rows, butterfly patterns (factors, pattern blocks) and ranks:
 a dense ``F.linear`` against a :class:`~pxcompile.layers.PixelflyLinear` forward, back to
-back, medians of the per-pair ratios (:func:`pxcompile.bench.paired`). Then it fits the three
+back, medians of the per-pair ratios (:func:`pxcompile.bench.paired`). Then it fits the
 constants of :class:`~pxcompile.passes.mapping.CalibratedCost` (``move``, ``per_block``,
-``lowrank``) by least squares on the log of the time ratios, and writes a cost-model file
+``lowrank`` on the gather kernel; ``group_move`` and ``fuse_move`` on the grouped one) by
+least squares on the log of the time ratios, and writes a cost-model file
 (:mod:`pxcompile.cost_file`) that ``--cost-model FILE`` and the policy's ``cost_model`` read.
 The model is linear in its constants, so the fit is a weighted linear least squares (the
 weights make it one on relative errors, i.e. log ratios to first order) followed by a few
@@ -151,34 +152,41 @@ def fit(points: Sequence[Point], name: str = "calibrated") -> tuple[CalibratedCo
         if np.abs(step).max() <= 1e-9 * max(1.0, np.abs(x).max()):
             break
     x[2] = max(x[2], 1e-3)  # a zero low-rank factor is not a cost model
+    group_move, fuse_move = _fit_grouped(grouped, float(x[2]))
     model = CalibratedCost(
         move=float(x[0]),
         per_block=float(x[1]),
         lowrank=float(x[2]),
-        group_move=_fit_group_move(grouped, float(x[2])),
+        group_move=group_move,
+        fuse_move=fuse_move,
         name=name,
     )
     return model, rms_log_error(model, points_all)
 
 
-def _fit_group_move(points: Sequence[Point], lowrank: float) -> float:
-    """``group_move`` from grouped-kernel timings (the shipped one without any): least
-    squares on relative error, with the low-rank factor fitted on the gather kernel."""
+def _fit_grouped(points: Sequence[Point], lowrank: float) -> tuple[float, float]:
+    """``(group_move, fuse_move)`` from grouped-kernel timings: non-negative least squares on
+    relative error (the shipped values for what the points don't measure: no grouped point,
+    or none with a rank)."""
     default = CalibratedCost(lowrank=lowrank)
     if not points:
-        return default.group_move
-    num = den = 0.0
+        return default.group_move, default.fuse_move
+    A, b = [], []
     for p in points:
         o, i = p.gemm.out_features, p.gemm.in_features
-        base = default.grouped_row_cost(o, i, p.spec) - default.group_move * (i + o)
-        a = (i + o) / (2.0 * o * i) / p.ratio
-        r = (p.ratio - base / (2.0 * o * i)) / p.ratio
-        num, den = num + a * r, den + a * a
-    return max(0.0, num / den) if den > 0 else default.group_move
+        narrow = min(i, o) if p.spec.rank else 0.0
+        base = default.grouped_row_cost(o, i, p.spec)
+        base -= default.group_move * (i + o) + default.fuse_move * narrow
+        dense = 2.0 * o * i
+        A.append(np.array([i + o, narrow]) / dense / p.ratio)
+        b.append((p.ratio - base / dense) / p.ratio)
+    x = _nnls(np.stack(A), np.array(b))
+    has_rank = any(p.spec.rank for p in points)
+    return float(x[0]), float(x[1]) if has_rank else default.fuse_move
 
 
 def _nnls(A: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Non-negative least squares for three unknowns: the best of every active set."""
+    """Non-negative least squares for a few unknowns: the best of every active set."""
     best, best_err = np.zeros(A.shape[1]), float(np.sum(b * b))
     n = A.shape[1]
     for mask in range(1, 1 << n):
@@ -301,9 +309,10 @@ def print_table(model: CalibratedCost, points: Sequence[Point], fit: dict, conso
     console.print(t)
     console.print(
         f"fitted: move {model.move:.1f}, per_block {model.per_block:.1f}, lowrank "
-        f"{model.lowrank:.2f}, group_move {model.group_move:.1f} (shipped calibrated-cpu: "
+        f"{model.lowrank:.2f}, group_move {model.group_move:.1f}, fuse_move "
+        f"{model.fuse_move:.1f} (shipped calibrated-cpu: "
         f"{shipped.move:g}, {shipped.per_block:g}, {shipped.lowrank:g}, "
-        f"{shipped.group_move:g}); RMS log error {fit['rms_log_error']:.3f} "
+        f"{shipped.group_move:g}, {shipped.fuse_move:g}); RMS log error {fit['rms_log_error']:.3f} "
         f"(shipped: {fit['shipped_rms_log_error']:.3f}) over {fit['points']} layers, "
         f"{fit['threads']} threads, {fit['seconds']:.0f} s",
         highlight=False,

@@ -7,6 +7,7 @@
     per_block: 420.0            # ... per kept block
     lowrank: 2.1                # the low-rank term costs this many times its FLOPs
     group_move: 70.0            # the grouped kernel, per element read and written (optional)
+    fuse_move: 100.0            # ... its fused low-rank term, per narrow-side element (optional)
     fit: {points: 24, rms_log_error: 0.07, ...}   # how it was measured (not read back)
 
 Every value is checked on load; a bad file is a one-line error naming the file and the key.
@@ -25,9 +26,10 @@ from .errors import PxError
 from .passes.mapping import COST_MODELS, CalibratedCost, CostModel
 
 KIND = "calibrated"
-PARAMS = ("move", "per_block", "lowrank", "group_move")
-#: Files written before the grouped kernel lack these: the shipped value is used.
-OPTIONAL = ("group_move",)
+PARAMS = ("move", "per_block", "lowrank", "group_move", "fuse_move")
+#: Files written before the grouped kernel (or its fused low rank) lack these: the shipped
+#: value is used.
+OPTIONAL = ("group_move", "fuse_move")
 MAX_FILE_BYTES = 1 << 20
 
 

@@ -36,7 +36,9 @@ def test_specs_and_points_cover_blocks_factors_and_ranks():
 
 
 def test_fit_recovers_the_constants_of_exact_data():
-    truth = CalibratedCost(move=150.0, per_block=300.0, lowrank=3.0, group_move=55.0, name="t")
+    truth = CalibratedCost(
+        move=150.0, per_block=300.0, lowrank=3.0, group_move=55.0, fuse_move=90.0, name="t"
+    )
     todo = plan_points([(3072, 768), (1024, 1024)], [512])
     pts = [Point(g, s, 1.0, ex) for g, s, ex in todo]
     pts = [Point(p.gemm, p.spec, predict(truth, p), p.execution) for p in pts]
@@ -45,6 +47,7 @@ def test_fit_recovers_the_constants_of_exact_data():
     for k in ("move", "per_block", "lowrank"):
         assert getattr(model, k) == pytest.approx(getattr(truth, k), rel=1e-4)
     assert model.group_move == pytest.approx(truth.group_move, rel=1e-4)
+    assert model.fuse_move == pytest.approx(truth.fuse_move, rel=1e-4)
 
 
 def test_fit_is_on_log_ratios_and_non_negative():
@@ -56,7 +59,7 @@ def test_fit_is_on_log_ratios_and_non_negative():
     ]
     model, rms = fit(noisy)
     assert model.move >= 0 and model.per_block >= 0 and model.lowrank > 0
-    assert model.group_move >= 0
+    assert model.group_move >= 0 and model.fuse_move >= 0
     assert rms <= 0.05 + 1e-9  # no worse than the truth itself
     with pytest.raises(PxError, match="at least 3 measurements"):
         fit(noisy[:2])

@@ -78,14 +78,15 @@ def test_default_name_is_the_file():
     assert m.name == "file:cost.yaml" and (m.move, m.per_block, m.lowrank) == (1.0, 2.0, 3.0)
 
 
-def test_group_move_round_trips_is_optional_and_checked(tmp_path):
-    """The grouped kernel's constant: kept through a file, the shipped value when a file
-    written before it lacks it, and a bad value is a one-line error naming the key."""
-    m = CalibratedCost(move=150.5, per_block=320.0, lowrank=1.75, group_move=55.0, name="c")
+@pytest.mark.parametrize(("key", "value"), [("group_move", 55.0), ("fuse_move", 90.0)])
+def test_grouped_constants_round_trip_are_optional_and_checked(tmp_path, key, value):
+    """The grouped kernel's constants: kept through a file, the shipped value when a file
+    written before them lacks them, and a bad value is a one-line error naming the key."""
+    m = CalibratedCost(move=150.5, per_block=320.0, lowrank=1.75, name="c", **{key: value})
     p = tmp_path / "c.yaml"
     p.write_text(cost_file.dumps(m))
-    assert cost_file.load(p).group_move == 55.0
-    assert cost_file.from_data(GOOD, "old.yaml").group_move == CalibratedCost().group_move
+    assert getattr(cost_file.load(p), key) == value
+    assert getattr(cost_file.from_data(GOOD, "old.yaml"), key) == getattr(CalibratedCost(), key)
     for bad in (-1, "fast", True, float("inf"), 1e10):
-        with pytest.raises(CostModelError, match="^x.yaml: 'group_move' must be"):
-            cost_file.from_data({**GOOD, "group_move": bad}, "x.yaml")
+        with pytest.raises(CostModelError, match=f"^x.yaml: '{key}' must be"):
+            cost_file.from_data({**GOOD, key: bad}, "x.yaml")

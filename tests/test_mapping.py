@@ -10,12 +10,16 @@ from hypothesis import strategies as st
 
 from pxcompile.passes.cost_cpu import cpu_execution
 from pxcompile.passes.mapping import (
+    DEFAULT_COST_MODEL,
     NEAR_EQUAL,
     Choice,
     FlopsBlockCost,
     choose,
+    max_auto_rank,
     menu,
+    min_auto_rank,
     patterns,
+    rank_time_share,
 )
 from pxcompile.patterns import PatternSpec
 from pxcompile.policy import Policy
@@ -428,3 +432,25 @@ def test_padding_the_largest_awkward_layers_is_bounded():
     t = time.perf_counter()
     m = menu_of(g)
     assert m and all(c.spec.padded for c in m) and time.perf_counter() - t < 20
+
+
+def test_the_rank_time_cap_is_exact_with_a_fixed_cost_and_counts_only_the_rank_above_least():
+    """The grouped kernel pays a fixed cost for having a low-rank term at all (``fuse_move``):
+    the time cap solves for it exactly, and the rank that connects a block-diagonal
+    pattern's groups (``least``) is not counted against the cap, so a cheap base does not
+    get a smaller rank than a slow one of the same density."""
+    g = Gemm("fc2", LayerType.MLP, 3072, 768, rows=1568)
+    spec = PatternSpec(12, 1, 32)  # grouped: 6 groups
+    assert cpu_execution(768, 3072, replace(spec, rank=8)) == "grouped"
+    r = max_auto_rank(g, spec, 0.15, DEFAULT_COST_MODEL)
+    share = [rank_time_share(g, replace(spec, rank=k), DEFAULT_COST_MODEL) for k in (r, r + 1)]
+    assert 1 <= r < max_auto_rank(g, spec, 0.15, None)  # the time binds, not the density
+    assert share[0] <= 0.15 < share[1]
+    least = min_auto_rank(g, spec, Policy())
+    assert least == 8
+    above = max_auto_rank(g, spec, 0.15, DEFAULT_COST_MODEL, least)
+    assert above == max_auto_rank(g, spec, 0.15, None) >= 16
+    # the gather pattern of the same density keeps its own cap (no fixed cost there)
+    slow = PatternSpec(24, 3, 32)
+    assert cpu_execution(768, 3072, replace(slow, rank=16)) == "gather"
+    assert max_auto_rank(g, slow, 0.15, DEFAULT_COST_MODEL, 8) <= above

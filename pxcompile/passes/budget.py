@@ -34,6 +34,7 @@ from .mapping import (
     choose,
     max_auto_rank,
     menu,
+    min_auto_rank,
     rank_time_share,
     slower_than_dense,
 )
@@ -189,8 +190,12 @@ def _rank_note(
     if c.resolved.rank is not None:
         return f"; rank {spec.rank} (policy)"
     share = rank_time_share(c.first, spec, cost_model)
-    over = wide_ranks and spec.rank > max_auto_rank(c.first, spec, policy.lowrank_share, cost_model)
-    return f"; rank {spec.rank} = {share:.0%} of its time" + (
+    least = min_auto_rank(c.first, spec, policy)
+    over = wide_ranks and spec.rank > max(
+        least, max_auto_rank(c.first, spec, policy.lowrank_share, cost_model, least)
+    )
+    connect = f" ({least} connect its groups)" if least else ""
+    return f"; rank {spec.rank} = {share:.0%} of its time{connect}" + (
         " (over lowrank_share of time, to meet the budget)" if over else ""
     )
 

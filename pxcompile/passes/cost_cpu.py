@@ -44,14 +44,18 @@ class CalibratedCost:
     (:func:`cpu_execution`):
 
     gather:   2 (nnz + lowrank r (in + out))  +  move * narrow * (f + 1)  +  per_block * kept
-    grouped:  2 (group nnz + lowrank r (in + out))  +  group_move * (in + out)
+    grouped:  2 (group nnz + r (in + out))  +  group_move * (in + out)  [+ fuse_move * narrow]
 
     ``narrow * (f + 1)`` is what the gather kernel gathers (or scatter-sums) per row along the
     weight's narrow side; ``group nnz`` is the grouped kernel's work: every group of ``2^f``
     cells multiplied whole (``2^f / (f + 1)`` of the kept cells, nothing wasted at ``f = 1``),
     cut to the real sides of a padded weight; ``group_move`` is what a matmul on a slice costs
     per element read and written beyond its FLOPs (small matmuls run below peak). ``lowrank``
-    says the low-rank term costs that many times its FLOPs.
+    says the low-rank term costs the gather kernel that many times its FLOPs. The grouped
+    kernel fuses its low-rank factor on the wide side into the group matmuls (a few more
+    columns there, at their FLOPs); what that costs beyond them, the narrow side's skinny
+    product and a copy of the narrow side, is ``fuse_move`` per narrow element (only with a
+    rank).
 
     ``move``, ``per_block`` and ``lowrank`` were fitted (least squares on log ratios, 8.5% RMS
     error) to the forward column of ``benchmarks/bench_layer.py`` in benchmarks/RESULTS.md:
@@ -59,13 +63,16 @@ class CalibratedCost:
     0.125-0.25, blocks 32 and 64, rank 0 and 32, on the project's 2-core CPU near idle.
     ``group_move`` was fitted to the grouped kernel on Mixer-B/16's shapes (bench_layer.py's
     f1 and "pad 256x384" rows: 768 <-> 3072 at 1568 rows, 196 <-> 384 at 6144 rows, rank 0;
-    50-87 per element, 70 taken; rank 8-16 rows are then over-predicted by 3-13%).
+    50-87 per element, 70 taken). ``fuse_move`` was fitted to the same shapes at ranks 8-32 with
+    the fused kernel (least squares on log ratios over 15 forward timings: 100; the wide
+    channel layers alone give 145, the narrow token mixing alone 95).
     """
 
     move: float = 200.0
     per_block: float = 500.0
     lowrank: float = 2.25
     group_move: float = 70.0
+    fuse_move: float = 100.0
     name: str = "calibrated-cpu"
 
     def dense_cost(self, gemm: Gemm) -> float:
@@ -85,9 +92,11 @@ class CalibratedCost:
         work = sum(
             (b - a) * (d - c) for a, b, c, d in group_pieces(out_features, in_features, spec)
         )
-        return 2.0 * (
-            work + self.lowrank * spec.rank * (in_features + out_features)
-        ) + self.group_move * (in_features + out_features)
+        lowrank = 0.0
+        if spec.rank:
+            lowrank = 2.0 * spec.rank * (in_features + out_features)
+            lowrank += self.fuse_move * min(in_features, out_features)
+        return 2.0 * work + lowrank + self.group_move * (in_features + out_features)
 
     def sparse_cost(self, gemm: Gemm, spec: PatternSpec) -> float:
         o, i = gemm.out_features, gemm.in_features

@@ -136,20 +136,24 @@ def patterns(
     return out
 
 
-def rank_time_share(gemm: Gemm, spec: PatternSpec, cost_model: CostModel) -> float:
-    """The share of the layer's predicted time that its low-rank term takes (0 at rank 0)."""
-    if spec.rank == 0:
+def rank_time_share(gemm: Gemm, spec: PatternSpec, cost_model: CostModel, least: int = 0) -> float:
+    """The share of the layer's predicted time that its low-rank term takes (0 at rank 0);
+    with ``least``, only the rank above it (what :func:`max_auto_rank` caps)."""
+    if spec.rank <= least:
         return 0.0
     total = cost_model.sparse_cost(gemm, spec)
-    base = cost_model.sparse_cost(gemm, replace(spec, rank=0))
+    base = cost_model.sparse_cost(gemm, replace(spec, rank=least))
     return max(0.0, (total - base) / total) if total > 0 else 0.0
 
 
-def max_auto_rank(gemm: Gemm, spec: PatternSpec, share: float, cost_model: CostModel | None) -> int:
+def max_auto_rank(
+    gemm: Gemm, spec: PatternSpec, share: float, cost_model: CostModel | None, least: int = 0
+) -> int:
     """The largest rank ``rank: auto`` may give ``spec``: its low-rank term takes at most
-    ``share`` of the layer's density and, with a ``cost_model``, at most ``share`` of its
-    predicted time (rank by benefit: where the low-rank term costs more than its FLOPs, as on
-    CPU at about 2.25x, it gets less than its density share)."""
+    ``share`` of the layer's density and, with a ``cost_model``, the rank above ``least``
+    (what the pattern needs anyway, :func:`min_auto_rank`) at most ``share`` of its predicted
+    time (rank by benefit: where the low-rank term costs more than its FLOPs, as in the gather
+    kernel at about 2.25x, it gets less than its density share)."""
     o, i = gemm.out_features, gemm.in_features
     cap = min(o, i) // 2
     if share <= 0:
@@ -158,10 +162,20 @@ def max_auto_rank(gemm: Gemm, spec: PatternSpec, share: float, cost_model: CostM
     by_density = share / (1 - share) * spec.block_density / per_rank
     if cost_model is None:
         return max(0, min(cap, int(by_density)))
-    base = replace(spec, rank=0)
-    c0 = cost_model.sparse_cost(gemm, base)
-    per_rank_cost = cost_model.sparse_cost(gemm, replace(spec, rank=1)) - c0
-    by_time = share / (1 - share) * c0 / per_rank_cost if per_rank_cost > 0 else by_density
+
+    # The cost is affine in the rank from rank 1 on (the grouped kernel pays a fixed cost for
+    # having a low-rank term at all): c(r) = c(least + 1) + k (r - least - 1). The rank above
+    # ``least`` takes at most ``share`` of the time while c(r) <= c(least) / (1 - share).
+    def cost(r: int) -> float:
+        return cost_model.sparse_cost(gemm, replace(spec, rank=r))
+
+    c1 = cost(least + 1)
+    k = cost(least + 2) - c1
+    room = cost(least) / (1 - share) - c1
+    if room < 0:
+        by_time = float(least)
+    else:
+        by_time = least + 1 + room / k if k > 0 else by_density
     return max(0, min(cap, int(by_density), int(by_time + 1e-9)))
 
 
@@ -199,7 +213,7 @@ def _ranks(
     ranks = sorted({max(least, r) for r in range(lo, hi + 1, stride)})
     if cost_model is None:
         return ranks
-    by_time = max(least, max_auto_rank(gemm, spec, policy.lowrank_share, cost_model))
+    by_time = max(least, max_auto_rank(gemm, spec, policy.lowrank_share, cost_model, least))
     return [r for r in ranks if r <= by_time]
 
 
