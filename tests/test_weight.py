@@ -156,6 +156,33 @@ def test_in_place_writes_raise():
         torch.mm(torch.randn(2, OUT), torch.randn(OUT, IN), out=w)
 
 
+def test_data_is_a_detached_weight_that_refuses_writes():
+    """``weight.data`` (what Hugging Face's ``_init_weights`` writes into): reads give the
+    dense values without gradient; writes raise like writes into the weight itself, where a
+    plain materialised copy would take them and lose them silently."""
+    lay = layer()
+    d = lay.weight.data
+    assert isinstance(d, PixelflyWeight) and not d.requires_grad and d.shape == (OUT, IN)
+    torch.testing.assert_close(d.clone(), lay.dense_weight().detach())
+    assert not d.clone().requires_grad and not d.t().requires_grad
+    x = torch.randn(3, IN)
+    y = F.linear(x, d)
+    assert not y.requires_grad
+    torch.testing.assert_close(y, F.linear(x, lay.weight).detach())
+    before = {k: v.clone() for k, v in lay.state_dict().items()}
+    for f in (
+        lambda: lay.weight.data.normal_(0.0, 0.02),
+        lambda: lay.weight.data.zero_(),
+        lambda: lay.weight.data.t().fill_(1.0),
+        lambda: lay.weight.data.copy_(torch.zeros(OUT, IN)),
+    ):
+        with pytest.raises(RuntimeError, match="no dense storage; change its blocks"):
+            f()
+    for k, v in lay.state_dict().items():
+        torch.testing.assert_close(v, before[k])
+    assert copy.deepcopy(d).detached
+
+
 class Owner(nn.Module):
     """What the rewrite makes of a module with a bare parameter ``w`` used as ``x @ w``."""
 

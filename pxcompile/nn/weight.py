@@ -94,6 +94,10 @@ class PixelflyWeight(Tensor):
 
     layer: Any
     transposed: bool
+    #: ``weight.data``: no gradient, and every use but metadata and writes runs on the
+    #: materialised (detached) weight; writes raise as on the weight itself, where a plain
+    #: materialised ``.data`` would take them and lose them silently.
+    detached: bool = False
     stands_for_sparse_layer = True  # how weight_use tells it from other tensors
 
     @staticmethod
@@ -126,7 +130,13 @@ class PixelflyWeight(Tensor):
 
     @property
     def requires_grad(self) -> bool:  # type: ignore[override]
-        return self.layer.blocks.requires_grad
+        return not self.detached and self.layer.blocks.requires_grad
+
+    def detached_view(self) -> PixelflyWeight:
+        """What ``.data`` gives: this weight without gradient (see ``detached``)."""
+        w = PixelflyWeight(self.layer, self.transposed, self._meta())
+        w.detached = True
+        return w
 
     @property
     def is_cuda(self) -> bool:  # type: ignore[override]
@@ -137,8 +147,11 @@ class PixelflyWeight(Tensor):
         return self.device.type == "cpu"
 
     def dense(self) -> Tensor:
-        """The dense weight, materialised (differentiable): a plain tensor."""
+        """The dense weight, materialised (differentiable unless ``detached``): a plain
+        tensor."""
         w = self.layer.dense_weight()
+        if self.detached:
+            w = w.detach()
         return w.t() if self.transposed else w
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
@@ -162,6 +175,7 @@ class PixelflyWeight(Tensor):
         # The layer is copied through the memo: once per model copy, and possibly still being
         # built when this is reached from its own attributes.
         out = PixelflyWeight(copy.deepcopy(self.layer, memo), self.transposed, self._meta())
+        out.detached = self.detached
         memo[id(self)] = out
         return out
 
@@ -170,6 +184,8 @@ class PixelflyWeight(Tensor):
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in _DATA and len(args) == 1:
+            return args[0].detached_view()
         if not kwargs:  # the common GEMMs, checked inline (a few microseconds per call)
             out = _fast_gemm(cls, func, args)
             if out is not None:
@@ -179,10 +195,16 @@ class PixelflyWeight(Tensor):
         if use.kind == "meta":
             with torch._C.DisableTorchFunctionSubclass():
                 return func(*args, **kwargs)
+        detached = any(isinstance(a, cls) and a.detached for a in pytree.tree_leaves(args))
         if use.kind in ("view", "gemm") and use.run is not None:
-            out = use.run()
-            if out is not NotImplemented:
-                return out
+            if not detached:
+                out = use.run()
+                if out is not NotImplemented:
+                    return out
+            elif use.kind == "view":  # ``weight.data.t()``: still no storage to write into
+                out = use.run()
+                if isinstance(out, cls):
+                    return out.detached_view()
         if use.kind == "write":
             w = next(a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, cls))
             raise RuntimeError(
@@ -205,6 +227,7 @@ class PixelflyWeight(Tensor):
 
 
 _LINEAR = torch.nn.functional.linear
+_DATA = {Tensor.data.__get__}  # a new method-wrapper at each access: compared by equality
 _MATMULS = {torch.matmul, Tensor.matmul, Tensor.__matmul__}
 _FLIPS = {torch.t, Tensor.t, Tensor.T.__get__, Tensor.mT.__get__}
 
@@ -214,18 +237,20 @@ def _fast_gemm(cls: type, func: Any, args: tuple) -> Tensor | None:
     the same as :func:`~pxcompile.nn.weight_use.weight_use` would run them, without its
     generality; None for anything else."""
     if func in _FLIPS and len(args) == 1:
+        if args[0].__class__ is not cls or args[0].detached:
+            return None
         return args[0].layer.weight_view(not args[0].transposed)
     if func is _LINEAR and 2 <= len(args) <= 3:
         x, w = args[0], args[1]
         b = args[2] if len(args) == 3 else None
-        if w.__class__ is not cls or w.transposed:
+        if w.__class__ is not cls or w.transposed or w.detached:
             return None
         lay = w.layer
         if b is not None and (b.__class__ is cls or b.dim() != 1 or b.shape[0] != lay.out_features):
             return None
     elif func in _MATMULS and len(args) == 2:
         x, w = args
-        if w.__class__ is not cls or not w.transposed:
+        if w.__class__ is not cls or not w.transposed or w.detached:
             return None
         lay, b = w.layer, None
     else:
