@@ -454,3 +454,22 @@ def test_the_rank_time_cap_is_exact_with_a_fixed_cost_and_counts_only_the_rank_a
     slow = PatternSpec(24, 3, 32)
     assert cpu_execution(768, 3072, replace(slow, rank=16)) == "gather"
     assert max_auto_rank(g, slow, 0.15, DEFAULT_COST_MODEL, 8) <= above
+
+
+@pytest.mark.parametrize(("out_f", "in_f"), [(3072, 768), (768, 3072), (4096, 1024), (384, 196)])
+def test_the_rank_time_cap_is_the_largest_rank_within_the_share(out_f, in_f):
+    """Brute force over every pattern: the cap is the largest rank (up to the density cap)
+    whose time above ``least`` is within the share, also where the cheaper of the two CPU
+    kernels changes as the rank grows (4/2/32 on 3072x768: gather at low ranks, grouped with
+    its fixed low-rank cost above; an affine fit from ranks 1 and 2 stopped at 49 of 81)."""
+    g = Gemm("x", LayerType.MLP, in_f, out_f, rows=1024)
+    for spec in patterns(g, 32, 4):
+        for least in sorted({0, min_auto_rank(g, spec, Policy())}):
+            top = max_auto_rank(g, spec, 0.15, None)
+            exact = least
+            while exact < top and (
+                rank_time_share(g, replace(spec, rank=exact + 1), DEFAULT_COST_MODEL, least) <= 0.15
+            ):
+                exact += 1
+            got = max_auto_rank(g, spec, 0.15, DEFAULT_COST_MODEL, least)
+            assert max(least, got) == max(least, min(exact, top)), (spec, least)

@@ -163,20 +163,21 @@ def max_auto_rank(
     if cost_model is None:
         return max(0, min(cap, int(by_density)))
 
-    # The cost is affine in the rank from rank 1 on (the grouped kernel pays a fixed cost for
-    # having a low-rank term at all): c(r) = c(least + 1) + k (r - least - 1). The rank above
-    # ``least`` takes at most ``share`` of the time while c(r) <= c(least) / (1 - share).
-    def cost(r: int) -> float:
-        return cost_model.sparse_cost(gemm, replace(spec, rank=r))
-
-    c1 = cost(least + 1)
-    k = cost(least + 2) - c1
-    room = cost(least) / (1 - share) - c1
-    if room < 0:
-        by_time = float(least)
-    else:
-        by_time = least + 1 + room / k if k > 0 else by_density
-    return max(0, min(cap, int(by_density), int(by_time + 1e-9)))
+    # The time share of the rank above ``least``, 1 - c(least) / c(r), rises with r for any
+    # cost model whose cost rises with the rank, so the largest rank within ``share`` is found
+    # by bisection: exact where the cost is not affine in the rank (a kernel's fixed cost for
+    # having a low-rank term at all, or the cheaper of two kernels switching as r grows).
+    hi = max(0, min(cap, int(by_density)))
+    if hi <= least:
+        return hi
+    lo = least  # within share (0 of the time above least)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if rank_time_share(gemm, replace(spec, rank=mid), cost_model, least) <= share:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _ranks(
