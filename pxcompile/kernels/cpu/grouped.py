@@ -281,7 +281,10 @@ class GroupedLinearFn(torch.autograd.Function):
         nx, nw, nu, nv, nb = ctx.needs_input_grad[:5]
         gy = gy.contiguous()
         gb = gy.sum(0) if nb and ctx.has_bias else None
-        gw = (torch.zeros_like if gl.cut else torch.empty_like)(w) if nw or nu or nv else None
+        # the fused weight's gradient: its W part, and the low-rank factor fused beside it
+        fused_grad = nu if gl.fuse_out else nv
+        need_gw = nw or (u is not None and fused_grad)
+        gw = (torch.zeros_like if gl.cut else torch.empty_like)(w) if need_gw else None
         if u is None:
             gx = _backward_plain(gy, x, w, gw, gl, nx, nw)
             gu = gv = None
