@@ -35,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pxcompile.attention import AttentionSpec, pixelfly_attention  # noqa: E402
+from pxcompile.attention_layout import spec_layout  # noqa: E402
 from pxcompile.bench import paired as _paired  # noqa: E402
 
 HEADS, DIM = 12, 64
@@ -49,7 +50,7 @@ def paired(base, cand, reps: int, warm: bool = True) -> tuple[float, float, floa
 def run_case(L: int, spec: AttentionSpec, causal: bool, reps: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, HEADS, L, DIM, generator=gen) for _ in range(3))
-    lay = spec.layout(L)
+    lay = spec_layout(spec, L)
     mask = lay.element_mask(causal)
 
     def sdpa(a, b, c):

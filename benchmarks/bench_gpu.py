@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT))
 import pxcompile  # noqa: E402
 from pxcompile import kernels  # noqa: E402
 from pxcompile.attention import pixelfly_attention  # noqa: E402
+from pxcompile.attention_layout import spec_layout  # noqa: E402
 from pxcompile.layers import PixelflyLinear  # noqa: E402
 from pxcompile.passes.cost_gpu import GpuCost  # noqa: E402
 from pxcompile.passes.mapping import COST_MODELS  # noqa: E402
@@ -245,7 +246,7 @@ def attention_case(
     s: Setup, shape: tuple[int, int, int], seq: int, spec: AttentionSpec, causal: bool, model
 ) -> dict:
     batch, heads, dim = shape
-    lay = spec.layout(seq)
+    lay = spec_layout(spec, seq)
     gen = torch.Generator(device=s.device).manual_seed(0)
     q, k, v = (
         torch.randn(batch, heads, lay.seq, dim, device=s.device, dtype=s.dtypes[0], generator=gen)

@@ -192,11 +192,11 @@ def plan(
         model = model_or_schema
         model_or_schema = trace(model, example_inputs)
     if isinstance(model_or_schema, TraceResult):
-        return _plan_traced(model, model_or_schema, budget, block, policy, cost_model, strict)
+        return plan_traced(model, model_or_schema, budget, block, policy, cost_model, strict)
     return plan_schema(model_or_schema, budget, block, policy, cost_model, strict=strict)
 
 
-def _plan_traced(
+def plan_traced(
     model: nn.Module | None,
     traced: TraceResult,
     budget: float,
@@ -205,7 +205,9 @@ def _plan_traced(
     cost_model: CostModel | None = None,
     strict: bool = False,
 ) -> Plan:
-    """Plan a traced model; GEMMs the rewrite can't reach stay dense and say why."""
+    """Plan a traced model; GEMMs the rewrite can't reach stay dense and say why (``model``:
+    the traced module, to tell reachable weights; :func:`plan` passes ``None`` for a bare
+    TraceResult)."""
     policy = policy_arg(policy)
     forced = {}
     for name, b in traced.bindings.items():
@@ -311,7 +313,7 @@ def sparsify(
     example_inputs = _inputs(model, example_inputs)
     traced = trace(model, example_inputs, progress=progress)
     if plan is None:
-        the_plan = _plan_traced(model, traced, budget, block, policy)  # type: ignore[arg-type]
+        the_plan = plan_traced(model, traced, budget, block, policy)  # type: ignore[arg-type]
     else:
         the_plan = plan.check_against(traced.schema)
     return apply(
@@ -363,8 +365,8 @@ def verify(
     """
     ref = masked_dense_reference(original, compiled, traced).eval()
     with torch.random.fork_rng(devices=[]), torch.no_grad(), eval_mode(compiled):
-        want = _tensors(call(ref, example_inputs))
-        got = _tensors(call(compiled, example_inputs))
+        want = output_tensors(call(ref, example_inputs))
+        got = output_tensors(call(compiled, example_inputs))
         for which, module, outs in (("model", ref, want), ("compiled model", compiled, got)):
             if any(t.is_floating_point() and not torch.isfinite(t).all() for t in outs):
                 where = first_nonfinite_module(module, example_inputs)
@@ -407,7 +409,7 @@ def first_nonfinite_module(module: nn.Module, inputs: Inputs) -> str | None:
     def hook(name: str):
         def check(_m, _args, out):
             if not found and any(
-                t.is_floating_point() and not torch.isfinite(t).all() for t in _tensors(out)
+                t.is_floating_point() and not torch.isfinite(t).all() for t in output_tensors(out)
             ):
                 found.append(name)
 
@@ -423,12 +425,14 @@ def first_nonfinite_module(module: nn.Module, inputs: Inputs) -> str | None:
     return found[0] if found else None
 
 
-def _tensors(out: Any) -> list[torch.Tensor]:
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's output (tensors, tuples, lists, dicts, HF ``ModelOutput``s),
+    in order: what output comparisons walk."""
     if isinstance(out, torch.Tensor):
         return [out]
     if isinstance(out, dict) or hasattr(out, "to_tuple"):
         vals = out.values() if isinstance(out, dict) else out.to_tuple()
-        return [t for v in vals for t in _tensors(v)]
+        return [t for v in vals for t in output_tensors(v)]
     if isinstance(out, tuple | list):
-        return [t for v in out for t in _tensors(v)]
+        return [t for v in out for t in output_tensors(v)]
     return []

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pxcompile import kernels
-from pxcompile.attention_layout import BlockLayout, attention_layout
+from pxcompile.attention_layout import BlockLayout, attention_layout, spec_layout
 from pxcompile.errors import PxError
 from pxcompile.kernels.cpu.attention import TILE_ELEMS, release_workspace, sparse_attention
 from pxcompile.patterns import AttentionSpec
@@ -189,7 +189,7 @@ class PixelflyAttention(nn.Module):
         return f"block={s.block}, factors={s.factors}, globals={s.globals}, min_seq={self.min_seq}"
 
     def layout(self, seq: int) -> BlockLayout:
-        return self.spec.layout(seq)
+        return spec_layout(self.spec, seq)
 
     def forward(
         self,
@@ -232,7 +232,7 @@ class PixelflyAttention(nn.Module):
             return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale
             )
-        layout = self.spec.layout(L)
+        layout = spec_layout(self.spec, L)
         P = layout.seq
         if P != L:
             pad = P - L

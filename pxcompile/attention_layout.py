@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pxcompile.patterns import attention_block_mask
+from pxcompile.patterns import AttentionSpec, attention_block_mask
 
 __all__ = ["BlockLayout", "attention_layout"]
 
@@ -77,3 +77,8 @@ def attention_layout(seq: int, block: int, factors: int, globals: int = 1) -> Bl
     return BlockLayout(
         seq, block, factors, globals, attention_block_mask(seq // block, factors, globals)
     )
+
+
+def spec_layout(spec: AttentionSpec, seq: int) -> BlockLayout:
+    """The layout ``spec`` runs over ``seq`` tokens (padded up to its block grid)."""
+    return attention_layout(spec.padded_seq(seq), spec.block, spec.factors, spec.globals)

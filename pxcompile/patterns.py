@@ -368,11 +368,5 @@ class AttentionSpec:
         p = self.padded_seq(seq)
         return min(1.0, self.density(seq) * (p / seq) ** 2)
 
-    def layout(self, seq: int) -> Any:
-        """The executable :class:`pxcompile.attention.BlockLayout` (imports torch)."""
-        from .attention import attention_layout
-
-        return attention_layout(self.padded_seq(seq), self.block, self.factors, self.globals)
-
     def to_dict(self) -> dict[str, Any]:
         return {"block": self.block, "factors": self.factors, "globals": self.globals}

@@ -7,8 +7,9 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 
-from .errors import PxError
-from .report import make_console
+from ..errors import PxError
+from ..report import make_console
+from .common import finish, plan_model
 
 # A rewrite whose outputs differ from the masked-dense reference by more than this (relative
 # to the largest output) is a bug, not rounding.
@@ -27,10 +28,9 @@ def progress_status(enabled: bool = True) -> Iterator:
 
 
 def compile_model_file(args: argparse.Namespace) -> int:
-    from . import api
-    from .cli import _finish, plan_model
-    from .model_specs import load_model, source_name
-    from .passes.trace import is_meta_model
+    from .. import api
+    from ..model_specs import load_model, source_name
+    from ..passes.trace import is_meta_model
 
     err = make_console(stderr=True)
     with progress_status(not args.json) as progress:
@@ -40,7 +40,7 @@ def compile_model_file(args: argparse.Namespace) -> int:
         traced = api.trace(model, inputs, name=source_name(args.input), progress=progress)
         plan = plan_model(args, model, traced)
     if is_meta_model(model):  # built from its config: nothing to rewrite or run
-        rc = _finish(args, plan)
+        rc = finish(args, plan)
         if not args.json:
             err.print(
                 f"not verified: {args.input} is built from its config without weights (meta "
@@ -63,7 +63,7 @@ def compile_model_file(args: argparse.Namespace) -> int:
         )
     errors = gm.pxcompile_init_errors
     cols = {"init err": {k: f"{v:.3f}" for k, v in errors.items()}} if errors else None
-    rc = _finish(args, plan, extra_files, extra_columns=cols)
+    rc = finish(args, plan, extra_files, extra_columns=cols)
     if not args.json:
         err.print(f"init: {gm.pxcompile_init} ({gm.pxcompile_init_reason})", highlight=False)
         err.print(
@@ -79,7 +79,7 @@ def _saved_bytes(gm, inputs) -> bytes:
     import tempfile
     from pathlib import Path
 
-    from . import serialize
+    from .. import serialize
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "model.px"
