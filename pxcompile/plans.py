@@ -21,6 +21,9 @@ from .policy import Policy
 from .schema import Gemm, LayerType, ModelSchema
 
 PLAN_VERSION = 1
+#: The CPU kernels a sparse weight layer can run (:mod:`pxcompile.kernels.cpu`): one matmul
+#: per group of cells, or gathered blocks; a plan records the one its cost model priced.
+CPU_KERNELS = ("grouped", "gather")
 TOLERANCE = 0.02  # the budget is met when achieved is in [budget - TOLERANCE, budget]
 
 
@@ -35,6 +38,9 @@ class LayerPlan:
     gemm: Gemm
     pattern: PatternSpec | AttentionSpec | None
     reason: str
+    #: The CPU kernel of a sparse weight layer (one of :data:`CPU_KERNELS`), as the plan's
+    #: cost model chose it; None: the layer chooses by the shipped cost model.
+    kernel: str | None = None
 
     @property
     def name(self) -> str:
@@ -236,6 +242,8 @@ class Plan:
             else:
                 d["action"] = "sparse"
                 d["pattern"] = lp.pattern.to_dict()
+                if lp.kernel:
+                    d["kernel"] = lp.kernel
                 d["density"] = round(lp.density, 6)
             d["reason"] = lp.reason
             layers.append(d)
@@ -428,8 +436,16 @@ def _layer_from_dict(e: Any, i: int, source: str, block: int) -> LayerPlan:
     p = e.get("pattern")
     if not isinstance(p, dict):
         raise PlanError(f"{where}: a sparse layer needs a 'pattern' mapping")
+    kernel = e.get("kernel")
+    if kernel is not None and kernel not in CPU_KERNELS:
+        raise PlanError(
+            f"{where}: 'kernel' must be one of {', '.join(CPU_KERNELS)}, got {kernel!r}"
+        )
     if "butterfly" not in p and ltype.is_activation:
-        return LayerPlan(gemm, _attention_from_dict(p, where, gemm), reason or "pattern from plan")
+        att = _attention_from_dict(p, where, gemm)
+        if kernel is not None:
+            raise PlanError(f"{where}: 'kernel' applies to weight layers, not to attention")
+        return LayerPlan(gemm, att, reason or "pattern from plan")
     unknown = set(p) - {"butterfly", "factors", "pattern_block", "rank", "padded_out", "padded_in"}
     if unknown:
         raise PlanError(f"{where}: pattern: unknown field {sorted(unknown)[0]!r}")
@@ -456,7 +472,7 @@ def _layer_from_dict(e: Any, i: int, source: str, block: int) -> LayerPlan:
     if spec.density(gemm.in_features, gemm.out_features) >= 1:
         what = " (padding included)" if spec.padded else ""
         raise PlanError(f"{where}: pattern keeps the whole weight{what} (density >= 1)")
-    return LayerPlan(gemm, spec, reason or "pattern from plan")
+    return LayerPlan(gemm, spec, reason or "pattern from plan", kernel)
 
 
 def _attention_from_dict(p: dict, where: str, gemm: Gemm) -> AttentionSpec:

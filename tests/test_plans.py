@@ -11,6 +11,7 @@ import yaml
 
 from pxcompile.errors import PlanError, PxError
 from pxcompile.passes.budget import plan_schema
+from pxcompile.passes.cost_cpu import CalibratedCost, FlopsBlockCost, cpu_execution
 from pxcompile.patterns import PatternSpec, block_mask
 from pxcompile.plans import PLAN_VERSION, LayerPlan, Plan
 from pxcompile.schema import Gemm, LayerType, ModelSchema
@@ -492,3 +493,37 @@ def test_padding_that_keeps_more_than_the_weight_is_refused(tmp_path):
     with pytest.raises(PlanError) as ei:
         load_text(tmp_path, d)
     assert "keeps the whole weight (padding included)" in one_line(ei)
+
+
+def test_a_plan_records_the_cpu_kernel_its_cost_model_priced(tmp_path):
+    """The layer runs the kernel the plan's cost model priced (a calibrated cost file too),
+    not the one the shipped constants would pick; an edited kernel is applied as written."""
+    d = plan_dict()
+    fc1 = next(lp for lp in d["layers"] if lp["name"] == "l0.fc1")
+    assert fc1["kernel"] == cpu_execution(2048, 512, PatternSpec(**fc1["pattern"]))
+    assert "kernel" not in next(lp for lp in d["layers"] if lp["name"] == "emb")
+    priced_out = plan_schema(schema(), 0.3, 32, cost_model=CalibratedCost(group_move=1e9))
+    assert priced_out.sparse_weight_layers
+    assert {lp.kernel for lp in priced_out.sparse_weight_layers} == {"gather"}
+    flops = plan_schema(schema(), 0.3, 32, cost_model=FlopsBlockCost())  # prices no kernel
+    assert all(lp.kernel is None for lp in flops.sparse_weight_layers)
+    other = "gather" if fc1["kernel"] == "grouped" else "grouped"
+    fc1["kernel"] = other
+    p = load_text(tmp_path, d)
+    assert p["l0.fc1"].kernel == other
+    assert yaml.safe_load(p.to_yaml())["layers"][1]["kernel"] == other
+    del fc1["kernel"]  # plans written before kernels were recorded: the layer chooses
+    assert load_text(tmp_path, d)["l0.fc1"].kernel is None
+
+
+@pytest.mark.parametrize(
+    ("value", "match"),
+    [("fast", "'kernel' must be one of grouped, gather, got 'fast'"), (1, "got 1")],
+)
+def test_a_bad_kernel_names_the_layer(tmp_path, value, match):
+    d = plan_dict()
+    d["layers"][1]["kernel"] = value
+    with pytest.raises(PlanError) as ei:
+        load_text(tmp_path, d)
+    msg = one_line(ei)
+    assert match in msg and "l0.fc1" in msg, msg

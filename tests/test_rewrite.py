@@ -5,6 +5,8 @@ a weight whose dense values the model uses stays dense with the reason."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from models_zoo import DenseUse, FunctionalForms
@@ -233,3 +235,22 @@ def test_padded_layers_run_sparse_match_the_reference_and_save(tmp_path):
     again = pxcompile.load(tmp_path / "m.px", model=MixerBlock(100, 128, 192, 512))
     assert again.get_submodule("token_mixing.2").spec == plan["token_mixing.2"].pattern
     torch.testing.assert_close(again(x), gm(x))
+
+
+@pytest.mark.parametrize("kernel", ["grouped", "gather"])
+def test_each_layer_runs_the_cpu_kernel_its_plan_names(kernel):
+    torch.manual_seed(0)
+    model = FunctionalForms("linear", True)
+    x = torch.randn(2, 8, 64)
+    traced = api.trace(model, (x,))
+    plan = api.plan(traced, 0.3, 16)
+    edited = pxcompile.Plan(
+        plan.model,
+        plan.block,
+        plan.budget,
+        [dataclasses.replace(lp, kernel=kernel) if lp.kernel else lp for lp in plan.layers],
+    )
+    assert edited.sparse_weight_layers
+    gm = api.apply(model, edited, (x,), traced=traced)
+    assert {gm.get_submodule(p).execution for p in gm.pxcompile_layers.values()} == {kernel}
+    assert api.verify(model, gm, traced, (x,)) < 1e-5

@@ -27,6 +27,7 @@ from ..patterns import AttentionSpec, PatternSpec
 from ..plans import TOLERANCE, LayerPlan, Plan
 from ..policy import Policy, Resolved
 from ..schema import Gemm, ModelSchema
+from .cost_cpu import CalibratedCost, cpu_execution
 from .mapping import (
     DEFAULT_COST_MODEL,
     Choice,
@@ -163,7 +164,10 @@ def plan_schema(
     for g in schema.gemms:
         if g.name in picks:
             spec, why = picks[g.name]
-            layers.append(LayerPlan(g, spec, why))
+            kernel = None
+            if isinstance(spec, PatternSpec) and isinstance(cost_model, CalibratedCost):
+                kernel = cpu_execution(g.out_features, g.in_features, spec, cost_model)
+            layers.append(LayerPlan(g, spec, why, kernel))
         else:
             layers.append(LayerPlan(g, None, why_dense[g.name]))
     plan = Plan(

@@ -197,6 +197,8 @@ def rewrite(
             )
         with torch.no_grad():
             layer = PixelflyLinear.from_dense(w, bias, lp.pattern, init=init)
+            if lp.kernel:  # the CPU kernel the plan's cost model priced
+                layer.execution = lp.kernel
         layer.train(target.get_submodule(b.module).training if b.module else target.training)
         if layer.init_error is not None:
             errors[lp.name] = layer.init_error
