@@ -6,8 +6,10 @@
 Two LRA-style tasks, both built offline (:mod:`experiments.lra_data`):
 
 * **ListOps**: generated with LRA's published rules (nested ``MAX``/``MIN``/``MED``/``SM``
-  lists, depth up to 10, 2-10 arguments, 500-2000 tokens, 10 classes), padded to 2048 tokens,
-  mean-pooled over the non-padding tokens;
+  lists, depth up to 10, 2-10 arguments, 10 classes), mean-pooled over the non-padding tokens.
+  Trained at 100-500 tokens (padded to 512): at LRA's 500-2000 a step costs 16x more and 100
+  steps of batch 2 (all a 2-core machine could give four methods) learned nothing. Speed is
+  also measured at LRA's lengths (2048 tokens);
 * **Text**: byte-level classification of Python standard library source windows (1024 bytes)
   by package (8 classes; files split between train and test), standing in for LRA's byte-level
   IMDb task, mean-pooled.
@@ -21,6 +23,7 @@ model on one training batch, timed side by side (ratios vs dense).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -55,12 +58,25 @@ from experiments.lra_data import (  # noqa: E402
 )
 
 FULL = {
-    "listops": {"min_len": 500, "max_len": 2000, "seq": 2048, "train_n": 2000, "test_n": 128},
+    # ListOps at LRA's 500-2000 tokens: 100 steps of batch 2 learned nothing (every model
+    # predicted one class) and a step costs ~16x one at 512; at 100-500 tokens, 600 steps of
+    # batch 16 learn (one seed: dense 29%, Pixelfly 33% of 10 classes, LRA's range)
+    "listops": {
+        "min_len": 100,
+        "max_len": 500,
+        "seq": 512,
+        "train_n": 10000,
+        "test_n": 256,
+        "speed": {"min_len": 500, "max_len": 2000, "seq": 2048, "batch": 2},
+    },
     "text": {"seq": 1024, "test_n": 128},
     # text: 100 steps of batch 4 learned nothing (every model predicted one class); 300 of
     # batch 16 learns (dense 37% at 200 steps, 8 classes)
-    "steps": {"listops": 100, "text": 300},
-    "batch": {"listops": 2, "text": 16},
+    "steps": {"listops": 600, "text": 300},
+    "batch": {"listops": 16, "text": 16},
+    # tokens per block (Pixelfly, BigBird) and per LSH bucket (Reformer): 512 / 32 = 16 blocks
+    # per row, so 4 butterfly factors fit at ListOps' 512 tokens
+    "block": {"listops": 32, "text": 64, "listops_long": 64},
     "lr": 2e-3,
     "seeds": (0, 1),
     "eval_every": 50,
@@ -68,7 +84,14 @@ FULL = {
     "speed_rounds": 2,
 }
 QUICK = {
-    "listops": {"min_len": 20, "max_len": 120, "seq": 128, "train_n": 16, "test_n": 8},
+    "listops": {
+        "min_len": 20,
+        "max_len": 120,
+        "seq": 128,
+        "train_n": 16,
+        "test_n": 8,
+        "speed": {"min_len": 100, "max_len": 250, "seq": 256, "batch": 2},
+    },
     "text": {"seq": 128, "test_n": 8},
     "steps": {"listops": 2, "text": 2},
     "batch": {"listops": 2, "text": 2},
@@ -76,6 +99,7 @@ QUICK = {
     "seeds": (0,),
     "eval_every": 0,
     "core": CoreConfig(block=8, factors=2, globals=1, window=3, random=1, n_hashes=1),
+    "block": {"listops": 8, "text": 8, "listops_long": 8},
     "speed_rounds": 1,
 }
 
@@ -91,13 +115,24 @@ def listops_task(cfg: dict, batch: int) -> ClassTask:
     gen = {k: c[k] for k in ("min_len", "max_len")}
     x, y = listops(c["train_n"], seed=1, pad_to=c["seq"], **gen)
     test = listops(c["test_n"], seed=2, pad_to=c["seq"], **gen)
+    return _listops(c["seq"], x, y, test, batch)
 
+
+def listops_long_task(cfg: dict) -> ClassTask:
+    """ListOps at LRA's lengths, for the side-by-side speed only (a few expressions)."""
+    c = cfg["listops"]["speed"]
+    gen = {k: c[k] for k in ("min_len", "max_len")}
+    x, y = listops(c["batch"], seed=3, pad_to=c["seq"], **gen)
+    return _listops(c["seq"], x, y, (x, y), c["batch"])
+
+
+def _listops(seq: int, x: torch.Tensor, y: torch.Tensor, test, batch: int) -> ClassTask:
     def batches(seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(seed * 100_003 + step)
         i = torch.randint(0, len(x), (batch,), generator=g)
         return x[i], y[i]
 
-    return ClassTask("listops", model_config(c["seq"], 16, 10), batches, test, pad=LISTOPS_PAD)
+    return ClassTask("listops", model_config(seq, 16, 10), batches, test, pad=LISTOPS_PAD)
 
 
 def text_task(cfg: dict, batch: int) -> ClassTask:
@@ -110,6 +145,11 @@ def text_task(cfg: dict, batch: int) -> ClassTask:
         return source_windows(texts, "train", batch, c["seq"], g)
 
     return ClassTask("text", model_config(c["seq"], 256, len(PACKAGES)), batches, test)
+
+
+def core_for(cfg: dict, task: str) -> CoreConfig:
+    """The patterns for ``task``: the mode's, at the task's block size."""
+    return dataclasses.replace(cfg["core"], block=cfg["block"][task])
 
 
 def _steps(cfg: dict, task: str) -> int:
@@ -128,21 +168,25 @@ def markdown(res: dict) -> str:
         f"Command: `{res['command']}`  ",
         f"Machine: {res['machine']}; wall time {res['wall_s'] / 60:.1f} min; load average at "
         f"start {res['load_start']}, at end {res['load_end']}.  ",
-        f"Patterns: {cfg['core']}.  ",
+        f"Patterns: {_patterns(cfg['core'])}.  ",
         f"Training: 2-layer transformer (width 64, 2 heads of 32, MLP 256, mean pooling), the "
         f"same initial weights per seed for every method; {_steps(cfg, 'listops')} AdamW steps "
         f"of batch {cfg['batch']['listops']} (ListOps) / {_steps(cfg, 'text')} of batch "
         f"{cfg['batch']['text']} (text), lr {cfg['lr']}, warm-up + cosine; seeds: ListOps "
-        f"{seeds['listops']}, text {seeds['text']} (one for ListOps: a ListOps step at 2048 "
-        "tokens is the most expensive thing in these experiments, and the shared 2-core "
-        "machine ran at a load average of 15-40 when it ran).",
+        f"{seeds['listops']}, text {seeds['text']}.",
         "",
         "Data (generated / read offline, no downloads):",
         f"- **ListOps**: LRA's published generation rules (MAX/MIN/MED/SM, depth <= 10, 2-10 "
-        f"arguments, {lo['min_len']}-{lo['max_len']} tokens, 10 classes), padded to {lo['seq']}; "
-        f"{lo['train_n']} training and {lo['test_n']} test expressions. The same task as LRA's, "
-        "at a far smaller training budget (LRA trains thousands of steps of batch 32; its "
-        "transformers reach about 36-37%).",
+        f"arguments, 10 classes) at {lo['min_len']}-{lo['max_len']} tokens, padded to "
+        f"{lo['seq']}; {lo['train_n']} training and {lo['test_n']} test expressions. LRA's "
+        "task at a quarter of its lengths (LRA: 500-2000 tokens; its transformers reach about "
+        "36-37% after thousands of steps of batch 32): at 500-2000 a training step costs about "
+        "16x more, and 100 steps of batch 2 learned nothing (every model predicted one class). "
+        + (
+            f"Speed is also measured at LRA's lengths ({_speed_lengths(lo)}), untrained."
+            if "listops_long" in res["speed"]
+            else ""
+        ),
         f"- **Text**: {cfg['text']['seq']}-byte windows of Python standard library source, class "
         f"= package ({', '.join(PACKAGES)}); files split between train and test; "
         f"{cfg['text']['test_n']} test windows. Byte-level, long inputs, a label that depends "
@@ -165,6 +209,11 @@ def markdown(res: dict) -> str:
                 f"{rs[0]['params']:,} | {a:.1f} ± {s:.1f} | {vs} | {_ms(sp[m]['ms'])} | "
                 f"{sp[m]['ratio']:.2f}x |"
             )
+    for m, v in res["speed"].get("listops_long", {}).items():
+        lines.append(
+            f"| listops, LRA lengths (speed only) | {res['seq']['listops_long']} | {m} | "
+            f"{v['kept']:.3f} | | | | {_ms(v['ms'])} | {v['ratio']:.2f}x |"
+        )
     lines += [
         "",
         "Speed: forward + backward of each model on one training batch, "
@@ -175,6 +224,17 @@ def markdown(res: dict) -> str:
         "",
     ] + [f"- {s}" for s in res["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _patterns(core: str | dict) -> str:
+    if isinstance(core, str):  # results written before the block size was per task
+        return core
+    return "; ".join(f"{task}: {d}" for task, d in core.items())
+
+
+def _speed_lengths(lo: dict) -> str:
+    c = lo.get("speed", {})
+    return f"{c.get('min_len')}-{c.get('max_len')} tokens padded to {c.get('seq')}"
 
 
 def _ms(v: float | None) -> str:
@@ -204,11 +264,13 @@ def notes(res: dict) -> list[str]:
                 f"{task} at this budget (each predicts one class), so the accuracies compare "
                 "nothing here; only the speeds do"
             )
-        sp = res["speed"][task]
-        out.append(
-            f"{task} speed vs dense at {res['seq'][task]} tokens: "
-            + ", ".join(f"{m} {sp[m]['ratio']:.2f}x" for m in METHODS if m != "dense")
-        )
+    for task in ("listops", "listops_long", "text"):
+        sp = res["speed"].get(task)
+        if sp:
+            out.append(
+                f"{task.split('_')[0]} speed vs dense at {res['seq'][task]} tokens: "
+                + ", ".join(f"{m} {sp[m]['ratio']:.2f}x" for m in METHODS if m != "dense")
+            )
     return out
 
 
@@ -236,15 +298,19 @@ def plot(res: dict, path: Path) -> None:
         ax.legend()
     ax = axes[2]
     width = 0.2
+    groups = [t for t in ("listops", "listops_long", "text") if t in res["speed"]]
     for i, m in enumerate(METHODS):
         ax.bar(
-            [j + i * width for j in range(2)],
-            [res["speed"][t][m]["ratio"] for t in ("listops", "text")],
+            [j + i * width for j in range(len(groups))],
+            [res["speed"][t][m]["ratio"] for t in groups],
             width,
             color=COLORS[m],
             label=m,
         )
-    ax.set_xticks([j + 1.5 * width for j in range(2)], ["listops", "text"])
+    ax.set_xticks(
+        [j + 1.5 * width for j in range(len(groups))],
+        [f"{t.split('_')[0]}\n{res['seq'][t]} tokens" for t in groups],
+    )
     ax.set_ylabel("fwd+bwd speed vs dense")
     ax.axhline(1.0, color="black", lw=0.6)
     ax.set_title("training-step speed (side by side)")
@@ -252,6 +318,13 @@ def plot(res: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def config_record(cfg: dict) -> dict:
+    """``cfg`` as JSON: the patterns described per task."""
+    rec = {k: v for k, v in cfg.items() if k != "core"}
+    rec["core"] = {t: core_for(cfg, t).describe() for t in cfg["block"]}
+    return rec
 
 
 def finish(res: dict, out: Path) -> None:
@@ -323,13 +396,19 @@ def main(argv: list[str] | None = None) -> int:
         task = makers[name](cfg, batch)
         res["seq"][name] = task.model.context
         if not args.no_speed:
-            res["speed"][name] = speed_methods(
-                task, METHODS, cfg["core"], batch, cfg["speed_rounds"]
-            )
-            log(
-                f"{name} speed vs dense: "
-                + ", ".join(f"{m} {v['ratio']:.2f}x" for m, v in res["speed"][name].items())
-            )
+            timed = [(name, task, batch)]
+            if name == "listops" and "speed" in cfg["listops"]:
+                long = listops_long_task(cfg)
+                timed.append(("listops_long", long, cfg["listops"]["speed"]["batch"]))
+                res["seq"]["listops_long"] = long.model.context
+            for key, t, b in timed:
+                res["speed"][key] = speed_methods(
+                    t, METHODS, core_for(cfg, key), b, cfg["speed_rounds"]
+                )
+                log(
+                    f"{key} speed vs dense at {t.model.context} tokens: "
+                    + ", ".join(f"{m} {v['ratio']:.2f}x" for m, v in res["speed"][key].items())
+                )
         done = list(res["runs"])
 
         def save(runs: list[dict], done: list[dict] = done) -> None:
@@ -338,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                 return
             res["load_end"] = load_average()
             res["wall_s"] = time.perf_counter() - t0
-            res["config"] = {k: (v.describe() if k == "core" else v) for k, v in cfg.items()}
+            res["config"] = config_record(cfg)
             tag = "_".join(res["seq"]) + "_s" + "_".join(map(str, cfg["seeds"]))
             if args.methods != ",".join(METHODS):
                 tag += "_" + args.methods.replace(",", "_")
@@ -350,11 +429,13 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         methods = () if args.no_train else tuple(args.methods.split(","))
-        save(train_methods(task, methods, cfg["seeds"], tcfg, cfg["core"], log, on_run=save))
+        save(
+            train_methods(task, methods, cfg["seeds"], tcfg, core_for(cfg, name), log, on_run=save)
+        )
     res["load_end"] = load_average()
     res["wall_s"] = time.perf_counter() - t0
-    res["config"] = {k: (v.describe() if k == "core" else v) for k, v in cfg.items()}
-    if set(res["seq"]) == {"listops", "text"}:
+    res["config"] = config_record(cfg)
+    if {"listops", "text"} <= set(res["seq"]):
         finish(res, out)
     return 0
 
