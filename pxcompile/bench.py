@@ -16,8 +16,8 @@ import torch
 from rich.table import Table
 from torch import nn
 
-from .api import Inputs, call
 from .errors import PxError
+from .inputs import Inputs, call
 from .passes.mapping import CostModel, predicted_speedup
 from .patterns import PatternSpec
 from .plans import Plan

@@ -61,7 +61,7 @@ def check_compiled(model, compiled, example_inputs, warn_above: float = WARN_ABO
     ``model`` on ``example_inputs``."""
     import torch
 
-    from .api import call, output_tensors
+    from .inputs import call, output_tensors
 
     plan = compiled.pxcompile_plan
     errors = compiled.pxcompile_init_errors

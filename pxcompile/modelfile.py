@@ -94,8 +94,8 @@ def load_model_file(
 def check_inputs(model: nn.Module, inputs: Any, where: str) -> None:
     """Run the model once on the inputs (state put back): a clear error now beats a confusing
     trace failure."""
-    from .api import check_inputs as check
     from .errors import TraceError
+    from .inputs import check_inputs as check
 
     try:
         check(model, inputs, where)

@@ -16,6 +16,7 @@ from torch import nn
 import pxcompile
 from pxcompile import api
 from pxcompile.errors import PxError
+from pxcompile.inputs import as_args
 from pxcompile.layers import PixelflyLinear
 from pxcompile.passes.trace import is_linear_like
 
@@ -92,9 +93,7 @@ def _reference_call(model, gm, traced, inputs):
         params[b.weight] = w.t() if b.kind == "conv1d" else w
         if b.bias is not None:
             params[b.bias] = layer.bias
-    return torch.func.functional_call(
-        model, params, api._as_args(inputs)[0], api._as_args(inputs)[1]
-    )
+    return torch.func.functional_call(model, params, as_args(inputs)[0], as_args(inputs)[1])
 
 
 @pytest.mark.slow
