@@ -8,13 +8,12 @@ See ``pxcompile.api`` for ``trace``, ``plan``, ``apply`` and ``sparsify``.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from .errors import PxError
 from .patterns import PatternSpec, block_mask, flat_butterfly
 from .plans import LayerPlan, Plan
 from .policy import NameRule, Policy, TypeRule
 from .schema import Gemm, LayerType, ModelSchema
+from .version import __version__ as __version__
 
 __all__ = [
     "Gemm",

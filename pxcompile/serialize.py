@@ -114,7 +114,6 @@ import yaml
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
-from . import __version__
 from .attention import PixelflyAttention
 from .errors import ModelFileError, PlanError, PxError
 from .hf import (
@@ -149,6 +148,7 @@ from .serialize_check import check_fx_graph as _check_fx_graph
 from .serialize_check import check_program as _check_program
 from .serialize_check import is_int as _is_int
 from .serialize_check import strip_metadata as _strip_metadata
+from .version import __version__
 
 __all__ = ["ExportError", "LoadedCausalLM", "LoadedModel", "UnsafeFileError", "load", "save"]
 

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import __version__
 from ..errors import PxError
+from ..version import __version__
 from .common import Parser, add_plan_args, finish, guard, output_set, plan_schema_args
 
 EPILOG = """\
