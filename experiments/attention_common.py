@@ -14,6 +14,7 @@ Attention cores (all called like ``F.scaled_dot_product_attention`` on ``[B, H, 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -365,10 +366,19 @@ def chunks(seq: list[Any], n: int) -> Iterator[list[Any]]:
         yield seq[i : i + n]
 
 
-def write_results(out: Path, stem: str, md: str, plot: Callable[[Path], None] | None) -> None:
-    """``out/<stem>.md`` and, if matplotlib is there, ``out/<stem>.png``."""
+def write_results(
+    out: Path,
+    stem: str,
+    md: str,
+    plot: Callable[[Path], None] | None,
+    data: dict[str, Any] | None = None,
+) -> None:
+    """``out/<stem>.md``, ``out/<stem>.json`` (``data``: every run, to re-plot or merge) and,
+    if matplotlib is there, ``out/<stem>.png``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.md").write_text(md)
+    if data is not None:
+        (out / f"{stem}.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     if plot is None:
         return
     try:

@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def finish(res: dict, out: Path, stem: str) -> None:
     res["notes"] = notes(res)
-    write_results(out, stem, markdown(res), lambda p: plot(res, p))
+    write_results(out, stem, markdown(res), lambda p: plot(res, p), res)
     print((out / f"{stem}.md").read_text(), flush=True)
 
 

@@ -330,7 +330,7 @@ def config_record(cfg: dict) -> dict:
 def finish(res: dict, out: Path) -> None:
     res["notes"] = notes(res)
     stem = "fig09_lra"
-    write_results(out, stem, markdown(res), lambda p: plot(res, p))
+    write_results(out, stem, markdown(res), lambda p: plot(res, p), res)
     print((out / f"{stem}.md").read_text(), flush=True)
 
 
