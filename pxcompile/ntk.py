@@ -32,17 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .inputs import as_args
+
 __all__ = ["empirical_ntk", "kernel_distance", "ntk_distance"]
 
 METRICS = ("relative", "alignment")
-
-
-def _as_args(inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(inputs, dict):
-        return (), dict(inputs)
-    if isinstance(inputs, tuple | list):
-        return tuple(inputs), {}
-    return (inputs,), {}
 
 
 def _first_tensor(out: Any) -> Tensor:
@@ -58,7 +52,7 @@ def _first_tensor(out: Any) -> Tensor:
 
 
 def _batch_size(inputs: Any) -> int:
-    args, kwargs = _as_args(inputs)
+    args, kwargs = as_args(inputs)
     for v in (*args, *kwargs.values()):
         if isinstance(v, Tensor) and v.dim() > 0:
             return int(v.shape[0])
@@ -86,7 +80,7 @@ def empirical_ntk(
     params = [p for p in dict(model.named_parameters()).values() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
-    args, kwargs = _as_args(inputs)
+    args, kwargs = as_args(inputs)
     out = model(*args, **kwargs)
     y = output_fn(out) if output_fn is not None else _first_tensor(out)
     n = _batch_size(inputs)

@@ -125,6 +125,7 @@ from .hf import (
     is_causal_lm,
     read_hf_header,
 )
+from .inputs import as_args
 from .io import OutputSet, atomic_write
 from .layers import PixelflyLinear
 from .nn.weight import PixelflyWeight
@@ -170,14 +171,6 @@ class ExportError(PxError):
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.detach().to("cpu").contiguous()
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(example_inputs, dict):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, tuple | list):
-        return tuple(example_inputs), {}
-    return (example_inputs,), {}
 
 
 def _input_spec(value: Any) -> dict | None:
@@ -367,7 +360,7 @@ def save(module: nn.Module, path: str | Path, example_inputs: Any = None) -> Non
             f"save: {type(module).__name__} has no stored example inputs: pass example_inputs= "
             "(a tensor or a tuple of the forward's inputs)"
         )
-    args, kwargs = _split_inputs(example_inputs)
+    args, kwargs = as_args(example_inputs)
     plan = getattr(module, "pxcompile_plan", None)
     layers = getattr(module, "pxcompile_layers", None) or {}
     hf_model = hf_model_of(module)

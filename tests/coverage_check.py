@@ -22,6 +22,7 @@ from torch import nn
 
 import pxcompile
 from pxcompile import api
+from pxcompile.inputs import as_args
 from pxcompile.layers import PixelflyLinear
 from pxcompile.passes.trace import is_linear_like
 
@@ -160,14 +161,6 @@ def _count(row: Row, plan, traced, called: set[str]) -> None:
 # --- the checks: each returns None or what is wrong ------------------------------------------
 
 
-def _as_args(inputs: Any) -> tuple[tuple, dict]:
-    if isinstance(inputs, dict):
-        return (), dict(inputs)
-    if isinstance(inputs, tuple | list):
-        return tuple(inputs), {}
-    return (inputs,), {}
-
-
 def _float_outputs(out: Any) -> list[torch.Tensor]:
     """The float tensors of a model's output (tensor, tuple, dict or ModelOutput), in order."""
     if isinstance(out, torch.Tensor):
@@ -246,7 +239,7 @@ def _check_gradients(model, gm, traced, inputs) -> str | None:
         wrt = xs + list(params.values())
         got = _loss(api.call(gm, _with(inputs, xs)))
         g_got = torch.autograd.grad(got, wrt, allow_unused=True)
-        args, kwargs = _as_args(_with(inputs, xs))
+        args, kwargs = as_args(_with(inputs, xs))
         want = _loss(torch.func.functional_call(ref, mapped, args, kwargs))
         g_want = torch.autograd.grad(want, wrt, allow_unused=True)
     got, want = float(got.detach()), float(want.detach())
@@ -268,7 +261,7 @@ def _check_gradients(model, gm, traced, inputs) -> str | None:
 
 
 def _float_inputs(inputs: Any) -> list[torch.Tensor]:
-    vals = inputs.values() if isinstance(inputs, dict) else _as_args(inputs)[0]
+    vals = inputs.values() if isinstance(inputs, dict) else as_args(inputs)[0]
     return [
         t.detach().clone().requires_grad_(True)
         for t in vals
