@@ -64,7 +64,7 @@ FULL = {
     "batch": 4,
     "steps": 120,
     "lr": 3e-3,
-    "seeds": (0, 1),
+    "seeds": (0, 1, 2),
     "eval_n": 128,
     "eval_every": 60,
     "core": CoreConfig(block=64, factors=4, globals=1, window=3, random=2, n_hashes=2),

@@ -78,7 +78,7 @@ FULL = {
     # per row, so 4 butterfly factors fit at ListOps' 512 tokens
     "block": {"listops": 32, "text": 64, "listops_long": 64},
     "lr": 2e-3,
-    "seeds": (0, 1),
+    "seeds": (0, 1, 2),
     "eval_every": 50,
     "core": CoreConfig(block=64, factors=4, globals=1, window=3, random=2, n_hashes=2),
     "speed_rounds": 2,

@@ -19,6 +19,7 @@ from triton_interp import IN_INTERPRETER, interpreter_only, run_in_interpreter  
 
 import pxcompile  # noqa: E402
 from pxcompile.attention import PixelflyAttention  # noqa: E402
+from pxcompile.attention_layout import spec_layout  # noqa: E402
 from pxcompile.layers import PixelflyLinear  # noqa: E402
 from pxcompile.patterns import AttentionSpec, PatternSpec  # noqa: E402
 from pxcompile.plans import Plan  # noqa: E402
@@ -150,7 +151,7 @@ def test_sparsified_gpt_with_pixelfly_attention_matches_the_torch_kernels(monkey
     ]
     gm = pxcompile.apply(model, replace(plan, layers=layers), (idx,))
     assert [type(m) for m in gm.modules()].count(PixelflyAttention) == 1
-    assert not att.layout(64).is_full(causal=True)
+    assert not spec_layout(att, 64).is_full(causal=True)
     want, want_g = _run(gm, idx, "torch", monkeypatch)
     assert not calls
     got, got_g = _run(gm, idx, "triton", monkeypatch)
