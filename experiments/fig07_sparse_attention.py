@@ -286,9 +286,9 @@ def notes(res: dict) -> list[str]:
     )
     if any(r.get("loss") is None for r in res["runs"]):
         out.append(
-            "Some runs' test loss and some step times (ms) were not recorded (n/a): those runs "
-            "and the speed table were read from the log of a process stopped early so that the "
-            "remaining seeds could run in parallel processes (see the command)."
+            "Some runs' test loss was not recorded: those runs were read from the log of a "
+            "process stopped early so that the remaining seeds could run in parallel processes "
+            "(see the command)."
         )
     early = {
         m: [c[1] for r in res["runs"] if r["method"] == m for c in r["curve"][:-1]] for m in METHODS

@@ -258,6 +258,16 @@ def notes(res: dict) -> list[str]:
                 if m != "pixelfly"
             )
         )
+        share = res.get("majority", {}).get(task)
+        if share is not None:
+            learned = {
+                m: sum(a > share + 5 for a in acc[m]) for m in METHODS if acc[m]
+            }  # more than 5 points above always answering the most common class
+            out.append(
+                f"{task}: seeds that learned (over {share + 5:.0f}%, the most common class "
+                f"being {share:.1f}% of the test set): "
+                + ", ".join(f"{m} {k} of {len(acc[m])}" for m, k in learned.items())
+            )
         if len({r["acc"] for r in res["runs"] if r["task"] == task}) == 1:
             out.append(
                 f"every {task} run of every method ends at the same accuracy: no model learned "
@@ -360,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in p["speed"].items():
                 res["speed"].setdefault(k, v)
             res["seq"].update(p["seq"])
+            res.setdefault("majority", {}).update(p.get("majority", {}))
             res["wall_s"] = max(res["wall_s"], p["wall_s"])
             res["load_end"] = p["load_end"]
             if p["speed"]:
@@ -395,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         tcfg.eval_every = cfg["eval_every"]
         task = makers[name](cfg, batch)
         res["seq"][name] = task.model.context
+        ys = task.test[1]
+        res.setdefault("majority", {})[name] = float(ys.bincount().max()) / len(ys) * 100
         if not args.no_speed:
             timed = [(name, task, batch)]
             if name == "listops" and "speed" in cfg["listops"]:
