@@ -11,17 +11,9 @@ import json
 
 from ..check import WARN_ABOVE, CheckResult, check_compiled
 from ..errors import PxError
-from .common import Parser, add_plan_args, guard, plan_model
+from .common import Parser, add_plan_args, checked_arg, guard, plan_model
 
-
-def _warn_above(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-    return v
+_warn_above = checked_arg(float, lambda v: v > 0, "a number > 0", "> 0")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,40 +6,35 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console
 
 from ..errors import PxError
 
 
-def budget_arg(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {s!r}") from None
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {s}")
-    return v
+def checked_arg(
+    cast: Callable[[str], Any], ok: Callable[[Any], bool], want: str, bound: str | None = None
+) -> Callable[[str], Any]:
+    """An argparse ``type``: ``cast(s)``, refused with "must be ``want``" when it does not
+    parse and "must be ``bound``" (default ``want``) when ``ok`` says it is out of range."""
+
+    def parse(s: str) -> Any:
+        try:
+            v = cast(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {s!r}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {bound or want}, got {s}")
+        return v
+
+    return parse
 
 
-def block_arg(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a power of two, got {s!r}") from None
-    if v < 1 or v & (v - 1):
-        raise argparse.ArgumentTypeError(f"must be a power of two, got {s}")
-    return v
-
-
-def positive_arg(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {s}")
-    return v
+budget_arg = checked_arg(float, lambda v: 0 < v <= 1, "a number in (0, 1]", "in (0, 1]")
+block_arg = checked_arg(int, lambda v: v >= 1 and not v & (v - 1), "a power of two")
+positive_arg = checked_arg(int, lambda v: v >= 1, "a positive integer")
 
 
 class Parser(argparse.ArgumentParser):
